@@ -1,0 +1,733 @@
+"""Layers written like ``torch.nn``: same names, argument order, weight shapes and state-dict keys.
+
+Every layer follows one small contract:
+
+- ``out = layer(x)`` (``layer.forward(x)``) caches in ``self._cache`` what backward needs;
+- ``dx = layer.backward(dout)`` returns the input gradient, writes ``self.grads[name]``
+  (overwriting: there is no ``zero_grad``) and never modifies ``dout``;
+- ``params`` / ``grads`` / ``buffers`` are dicts keyed like torch (``weight``, ``bias``,
+  ``running_mean``, ``running_var``); ``train()`` / ``eval()`` switch Dropout and BatchNorm.
+
+Parameters are created in the default dtype (float32; :func:`set_default_dtype` changes it,
+e.g. to float64 for gradient checks) and layers keep the dtype of their input.
+"""
+import os
+import tempfile
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+
+from numexp import kernels
+
+_default_dtype = np.dtype(np.float32)
+
+
+def set_default_dtype(dtype):
+    """Set the dtype new parameters are created in (float32 unless changed)."""
+    global _default_dtype
+    _default_dtype = np.dtype(dtype)
+
+
+def get_default_dtype():
+    return _default_dtype
+
+
+# --------------------------------------------------------------------------- init
+
+def kaiming_normal(shape, fan_in, rng):
+    """He initialisation for ReLU nets: N(0, 2 / fan_in)."""
+    return rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+
+
+def xavier_normal(shape, fan_in, fan_out, rng):
+    """Glorot initialisation: N(0, 2 / (fan_in + fan_out))."""
+    return rng.standard_normal(shape) * np.sqrt(2.0 / (fan_in + fan_out))
+
+
+def torch_default_uniform(shape, fan_in, rng):
+    """torch's default for Linear/Conv2d weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return rng.uniform(-bound, bound, shape)
+
+
+# --------------------------------------------------------------------------- base
+
+class Module:
+    """Base class: parameter/buffer dicts, children, train/eval, state dict.
+
+    Attributes:
+        params, grads, buffers: dict name -> ndarray of this module only.
+        reg_keys: names of the params that the seed's ``reg`` penalty applies to
+            (``weight`` of Linear and Conv2d; nothing for BatchNorm or biases).
+    """
+
+    reg_keys = ()
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+        self.buffers = {}
+        self.training = True
+        self._children = OrderedDict()
+        self._cache = None
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dout):
+        raise NotImplementedError
+
+    def output_shape(self, in_shape):
+        """Shape of one sample's output, given one sample's input shape (no batch axis)."""
+        return tuple(in_shape)
+
+    def add_module(self, name, module):
+        self._children[name] = module
+        return module
+
+    def children(self):
+        return self._children.items()
+
+    def named_modules(self, prefix=""):
+        """Yield (dotted name, module) for this module and every descendant."""
+        yield prefix, self
+        for name, child in self._children.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def param_slots(self):
+        """Yield (dotted name, module, key, regularised) for every parameter, in a fixed order."""
+        for prefix, module in self.named_modules():
+            for key in module.params:
+                name = f"{prefix}.{key}" if prefix else key
+                yield name, module, key, key in module.reg_keys
+
+    def named_params(self):
+        """Yield (dotted name, array), e.g. ``("conv1.weight", w)``."""
+        for name, module, key, _ in self.param_slots():
+            yield name, module.params[key]
+
+    def named_grads(self):
+        for name, module, key, _ in self.param_slots():
+            yield name, module.grads.get(key)
+
+    def named_buffers(self):
+        for prefix, module in self.named_modules():
+            for key, value in module.buffers.items():
+                yield (f"{prefix}.{key}" if prefix else key), value
+
+    def num_params(self):
+        return sum(p.size for _, p in self.named_params())
+
+    def train(self, mode=True):
+        for _, module in self.named_modules():
+            module.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def state_dict(self):
+        """Copies of every parameter and buffer, keyed by dotted name."""
+        state = OrderedDict((k, v.copy()) for k, v in self.named_params())
+        state.update((k, v.copy()) for k, v in self.named_buffers())
+        return state
+
+    def load_state_dict(self, state):
+        """Copy arrays into the existing parameters and buffers (in place, keeping their dtype).
+
+        Raises:
+            KeyError: a key is missing or unexpected (named in the message).
+            ValueError: an array's shape differs (key and both shapes in the message).
+        """
+        targets = OrderedDict(self.named_params())
+        targets.update(self.named_buffers())
+        missing = [k for k in targets if k not in state]
+        unexpected = [k for k in state if k not in targets]
+        if missing or unexpected:
+            raise KeyError(f"state dict does not fit the model: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+        for key, target in targets.items():
+            value = np.asarray(state[key])
+            if value.shape != target.shape:
+                raise ValueError(f"state dict key '{key}' has shape {value.shape}, "
+                                 f"the model expects {target.shape}")
+            np.copyto(target, value, casting="same_kind")
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        if not self._children:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"  ({name}): " + repr(child).replace("\n", "\n  ")
+                 for name, child in self._children.items()]
+        return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
+
+
+def save_npz(path, state):
+    """Write a state dict to ``path`` as an uncompressed ``.npz``, atomically (temp file + rename)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in state.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CheckpointError(ValueError):
+    """A parameter file that cannot be trusted or read."""
+
+
+def load_npz(path):
+    """Read a state dict written by :func:`save_npz`; never unpickles.
+
+    Raises:
+        CheckpointError: the file is missing, not an npz, or holds object (pickled) arrays.
+    """
+    try:
+        with open(path, "rb") as f:
+            signature = f.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    if signature != b"PK\x03\x04":
+        raise CheckpointError(f"checkpoint {path} is not a valid .npz file (no zip signature)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return OrderedDict((k, f[k]) for k in f.files)
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise CheckpointError(f"checkpoint {path} contains pickled objects; numexp refuses "
+                                  f"to unpickle (it could run arbitrary code)") from None
+        raise CheckpointError(f"checkpoint {path} is not a valid .npz file: {e}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"checkpoint {path} is not a valid .npz file: {e}") from None
+
+
+# --------------------------------------------------------------------------- layers
+
+class Linear(Module):
+    """Affine map ``out = x @ weight.T + bias``.
+
+    Args:
+        in_features, out_features: sizes; bias: add a learnable bias.
+        rng: np.random.Generator for the initial values (torch's default uniform).
+
+    Shape:
+        x: (N, in_features) -> out: (N, out_features)
+
+    Attributes:
+        weight: (out_features, in_features); bias: (out_features,).
+    """
+
+    reg_keys = ("weight",)
+
+    def __init__(self, in_features, out_features, bias=True, rng=None):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng()
+        self.in_features, self.out_features = in_features, out_features
+        dt = _default_dtype
+        self.params["weight"] = torch_default_uniform((out_features, in_features), in_features, rng).astype(dt)
+        if bias:
+            self.params["bias"] = torch_default_uniform((out_features,), in_features, rng).astype(dt)
+
+    def forward(self, x):
+        self._cache = x
+        out = x @ self.params["weight"].T
+        if "bias" in self.params:
+            out += self.params["bias"]
+        return out
+
+    def backward(self, dout):
+        x = self._cache
+        self.grads["weight"] = dout.T @ x
+        if "bias" in self.params:
+            self.grads["bias"] = dout.sum(axis=0)
+        return dout @ self.params["weight"]
+
+    def output_shape(self, in_shape):
+        if tuple(in_shape) != (self.in_features,):
+            raise ValueError(f"Linear({self.in_features}, {self.out_features}) got input shape {tuple(in_shape)}")
+        return (self.out_features,)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={'bias' in self.params}"
+
+
+class Conv2d(Module):
+    """2-D convolution (cross-correlation, as in torch).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding: as torch (square kernels).
+        bias: add a learnable bias per output channel.
+        method: ``"im2col"`` (fast: one strided unfold and one GEMM) or ``"naive"``
+            (loops over output pixels; the reference for tests).
+
+    Shape:
+        x: (N, C_in, H, W) -> out: (N, C_out, H_out, W_out),
+        H_out = (H + 2*padding - kernel_size) // stride + 1
+
+    Attributes:
+        weight: (out_channels, in_channels, kernel_size, kernel_size); bias: (out_channels,).
+    """
+
+    reg_keys = ("weight",)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 method="im2col", rng=None):
+        super().__init__()
+        if method not in ("im2col", "naive"):
+            raise ValueError(f"Conv2d method must be 'im2col' or 'naive', got {method!r}")
+        rng = rng if rng is not None else np.random.default_rng()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.method = kernel_size, stride, padding, method
+        fan_in = in_channels * kernel_size * kernel_size
+        dt = _default_dtype
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.params["weight"] = torch_default_uniform(shape, fan_in, rng).astype(dt)
+        if bias:
+            self.params["bias"] = torch_default_uniform((out_channels,), fan_in, rng).astype(dt)
+
+    def forward(self, x):
+        w, b = self.params["weight"], self.params.get("bias")
+        if self.method == "naive":
+            self._cache = x
+            return kernels.conv2d_naive(x, w, b, self.stride, self.padding)
+        N, _, H, W = x.shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        out_h, out_w = kernels.conv_output_size(H, k, s, p), kernels.conv_output_size(W, k, s, p)
+        col = kernels.im2col(x, k, k, s, p)
+        out = col @ w.reshape(self.out_channels, -1).T  # (N*out_h*out_w, F)
+        if b is not None:
+            out += b
+        self._cache = (x.shape, col)
+        return out.reshape(N, out_h, out_w, self.out_channels).transpose(0, 3, 1, 2)
+
+    def backward(self, dout):
+        w = self.params["weight"]
+        if self.method == "naive":
+            dx, dw, db = kernels.conv2d_naive_backward(dout, self._cache, w, self.stride, self.padding)
+            self.grads["weight"] = dw
+            if "bias" in self.params:
+                self.grads["bias"] = db
+            return dx
+        x_shape, col = self._cache
+        F = self.out_channels
+        d2 = dout.transpose(0, 2, 3, 1).reshape(-1, F)  # rows (n, oh, ow), like col
+        self.grads["weight"] = (d2.T @ col).reshape(w.shape)
+        if "bias" in self.params:
+            self.grads["bias"] = d2.sum(axis=0)
+        dcol = d2 @ w.reshape(F, -1)
+        k = self.kernel_size
+        return kernels.col2im(dcol, x_shape, k, k, self.stride, self.padding)
+
+    def output_shape(self, in_shape):
+        C, H, W = in_shape
+        if C != self.in_channels:
+            raise ValueError(f"Conv2d expects {self.in_channels} input channels, got {C}")
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return (self.out_channels, kernels.conv_output_size(H, k, s, p), kernels.conv_output_size(W, k, s, p))
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={'bias' in self.params}")
+
+
+class _Pool2d(Module):
+    """Shared window bookkeeping of MaxPool2d and AvgPool2d (no padding, floor mode, as torch's defaults)."""
+
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride if stride is not None else kernel_size
+
+    def _out_hw(self, H, W):
+        k, s = self.kernel_size, self.stride
+        return kernels.conv_output_size(H, k, s), kernels.conv_output_size(W, k, s)
+
+    def output_shape(self, in_shape):
+        C, H, W = in_shape
+        return (C, *self._out_hw(H, W))
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class MaxPool2d(_Pool2d):
+    """Max over each window.
+
+    Shape:
+        x: (N, C, H, W) -> out: (N, C, H_out, W_out), H_out = (H - kernel_size) // stride + 1
+
+    Note:
+        On ties the gradient goes to the first maximum in row-major window order, as in torch.
+    """
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        out_h, out_w = self._out_hw(H, W)
+        k, s = self.kernel_size, self.stride
+        taps = kernels.window_taps(x, k, k, s, out_h, out_w)
+        _, out = next(taps)
+        out = out.copy()
+        for _, view in taps:
+            np.maximum(out, view, out=out)
+        self._cache = (x, out)
+        return out
+
+    def backward(self, dout):
+        x, out = self._cache
+        _, _, out_h, out_w = out.shape
+        k, s = self.kernel_size, self.stride
+        dx = np.zeros_like(x)
+        taken = np.zeros(out.shape, dtype=bool)
+        for (i, j), view in kernels.window_taps(x, k, k, s, out_h, out_w):
+            winner = (view == out) & ~taken
+            taken |= winner
+            dx[kernels.tap_slice(i, j, s, out_h, out_w)] += np.where(winner, dout, 0)
+        return dx
+
+
+class AvgPool2d(_Pool2d):
+    """Mean over each window.
+
+    Shape:
+        x: (N, C, H, W) -> out: (N, C, H_out, W_out), H_out = (H - kernel_size) // stride + 1
+    """
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        out_h, out_w = self._out_hw(H, W)
+        k, s = self.kernel_size, self.stride
+        out = np.zeros((N, C, out_h, out_w), dtype=x.dtype)
+        for _, view in kernels.window_taps(x, k, k, s, out_h, out_w):
+            out += view
+        out *= 1.0 / (k * k)
+        self._cache = x.shape
+        return out
+
+    def backward(self, dout):
+        x_shape = self._cache
+        _, _, out_h, out_w = dout.shape
+        k, s = self.kernel_size, self.stride
+        dx = np.zeros(x_shape, dtype=dout.dtype)
+        share = dout * (1.0 / (k * k))
+        for i in range(k):
+            for j in range(k):
+                dx[kernels.tap_slice(i, j, s, out_h, out_w)] += share
+        return dx
+
+
+class GlobalAvgPool2d(Module):
+    """Mean over all spatial positions (torch ``AdaptiveAvgPool2d(1)``).
+
+    Shape:
+        x: (N, C, H, W) -> out: (N, C, 1, 1)
+    """
+
+    def forward(self, x):
+        self._cache = x.shape
+        return x.mean(axis=(2, 3), keepdims=True)
+
+    def backward(self, dout):
+        N, C, H, W = self._cache
+        return np.broadcast_to(dout * (1.0 / (H * W)), (N, C, H, W)).copy()
+
+    def output_shape(self, in_shape):
+        return (in_shape[0], 1, 1)
+
+
+class ReLU(Module):
+    """``max(x, 0)``; the gradient at 0 is 0, as in torch."""
+
+    def forward(self, x):
+        out = np.maximum(x, 0)
+        self._cache = out
+        return out
+
+    def backward(self, dout):
+        return np.where(self._cache > 0, dout, 0).astype(dout.dtype, copy=False)
+
+
+class Sigmoid(Module):
+    """``1 / (1 + exp(-x))``, computed without overflow for large |x|."""
+
+    def forward(self, x):
+        # exp of a non-positive number never overflows
+        e = np.exp(-np.abs(x))
+        out = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        self._cache = out
+        return out
+
+    def backward(self, dout):
+        out = self._cache
+        return dout * out * (1 - out)
+
+
+class Tanh(Module):
+    def forward(self, x):
+        out = np.tanh(x)
+        self._cache = out
+        return out
+
+    def backward(self, dout):
+        out = self._cache
+        return dout * (1 - out * out)
+
+
+class Softmax(Module):
+    """Softmax over axis 1 (torch ``Softmax(dim=1)``).
+
+    Shape:
+        x: (N, K) -> out: (N, K), rows sum to 1
+    """
+
+    def forward(self, x):
+        shifted = x - x.max(axis=1, keepdims=True)  # exp never overflows
+        e = np.exp(shifted)
+        out = e / e.sum(axis=1, keepdims=True)
+        self._cache = out
+        return out
+
+    def backward(self, dout):
+        s = self._cache
+        return s * (dout - (dout * s).sum(axis=1, keepdims=True))
+
+
+class Flatten(Module):
+    """Shape: x: (N, *dims) -> out: (N, prod(dims))."""
+
+    def forward(self, x):
+        self._cache = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dout):
+        return dout.reshape(self._cache)
+
+    def output_shape(self, in_shape):
+        return (int(np.prod(in_shape)),)
+
+
+class Dropout(Module):
+    """Inverted dropout: in training zero each element with probability p and scale the rest by 1/(1-p).
+
+    Args:
+        p: drop probability in [0, 1). rng: np.random.Generator for the masks.
+    """
+
+    def __init__(self, p=0.5, rng=None):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout p must be in [0, 1), got {p}")
+        self.p = p
+        self.rng = rng if rng is not None else np.random.default_rng()
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            self._cache = None
+            return x
+        keep = self.rng.random(x.shape, dtype=np.float32) >= self.p
+        mask = keep.astype(x.dtype) * (1.0 / (1 - self.p))
+        self._cache = mask
+        return x * mask
+
+    def backward(self, dout):
+        return dout if self._cache is None else dout * self._cache
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class _BatchNorm(Module):
+    """Batch normalisation over every axis but the channel axis 1.
+
+    Train mode normalises with the batch mean and biased variance and updates
+    ``running_mean`` / ``running_var`` with momentum (the unbiased variance goes into
+    ``running_var``); eval mode uses the running statistics.
+
+    Note:
+        torch's convention: ``running = (1 - momentum) * running + momentum * batch``.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        dt = _default_dtype
+        self.params["weight"] = np.ones(num_features, dtype=dt)
+        self.params["bias"] = np.zeros(num_features, dtype=dt)
+        self.buffers["running_mean"] = np.zeros(num_features, dtype=dt)
+        self.buffers["running_var"] = np.ones(num_features, dtype=dt)
+
+    def _axes(self, x):
+        return (0,) + tuple(range(2, x.ndim))
+
+    def _bcast(self, v, ndim):
+        return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+    def forward(self, x):
+        axes = self._axes(x)
+        if self.training:
+            m = x.size // x.shape[1]
+            mean = x.mean(axis=axes)
+            var = x.var(axis=axes)
+            m_ = self.momentum
+            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+            rm *= 1 - m_
+            rm += m_ * mean
+            rv *= 1 - m_
+            rv += (m_ * m / max(m - 1, 1)) * var
+        else:
+            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
+        inv_std = 1 / np.sqrt(var + self.eps)
+        xhat = (x - self._bcast(mean, x.ndim)) * self._bcast(inv_std, x.ndim)
+        out = xhat * self._bcast(self.params["weight"], x.ndim) + self._bcast(self.params["bias"], x.ndim)
+        self._cache = (xhat, inv_std, self.training)
+        return out
+
+    def backward(self, dout):
+        xhat, inv_std, batch_stats = self._cache
+        axes = self._axes(dout)
+        nd = dout.ndim
+        dbeta = dout.sum(axis=axes)
+        dgamma = (dout * xhat).sum(axis=axes)
+        self.grads["weight"], self.grads["bias"] = dgamma, dbeta
+        scale = self._bcast(self.params["weight"] * inv_std, nd)
+        if not batch_stats:
+            return dout * scale
+        m = dout.size // dout.shape[1]
+        # d/dx of normalising with the batch's own mean and variance
+        return scale * (dout - self._bcast(dbeta / m, nd) - xhat * self._bcast(dgamma / m, nd))
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class BatchNorm1d(_BatchNorm):
+    """Shape: x: (N, num_features) -> out: same. Attributes: weight, bias, running_mean, running_var: (num_features,)."""
+
+    def output_shape(self, in_shape):
+        if in_shape[0] != self.num_features:
+            raise ValueError(f"BatchNorm1d({self.num_features}) got {in_shape[0]} features")
+        return tuple(in_shape)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Shape: x: (N, C, H, W) -> out: same, statistics per channel C. Attributes: (C,) each."""
+
+    def output_shape(self, in_shape):
+        if in_shape[0] != self.num_features:
+            raise ValueError(f"BatchNorm2d({self.num_features}) got {in_shape[0]} channels")
+        return tuple(in_shape)
+
+
+class Sequential(Module):
+    """Layers applied in order; children named "0", "1", … or by the names of an OrderedDict.
+
+    ``Sequential(OrderedDict(conv1=…, bn1=…))`` gives state-dict keys like ``conv1.weight``.
+    """
+
+    def __init__(self, *layers):
+        super().__init__()
+        if len(layers) == 1 and isinstance(layers[0], (dict, OrderedDict)):
+            for name, layer in layers[0].items():
+                self.add_module(name, layer)
+        else:
+            for i, layer in enumerate(layers):
+                self.add_module(str(i), layer)
+
+    def __iter__(self):
+        return iter(self._children.values())
+
+    def __getitem__(self, name):
+        return self._children[name] if isinstance(name, str) else list(self._children.values())[name]
+
+    def __len__(self):
+        return len(self._children)
+
+    def forward(self, x):
+        for layer in self._children.values():
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dout):
+        for layer in reversed(self._children.values()):
+            dout = layer.backward(dout)
+        return dout
+
+    def output_shape(self, in_shape):
+        shape = tuple(in_shape)
+        for layer in self._children.values():
+            shape = layer.output_shape(shape)
+        return shape
+
+    def output_shapes(self, in_shape):
+        """(name, layer, output shape) for each child, in order; raises ValueError where a size drops below 1."""
+        shape, rows = tuple(in_shape), []
+        for name, layer in self._children.items():
+            shape = layer.output_shape(shape)
+            if min(shape) < 1:
+                raise ValueError(f"layer '{name}' ({type(layer).__name__}) gets input {rows[-1][2] if rows else tuple(in_shape)} "
+                                 f"and would output {shape}: the input is too small for this model")
+            rows.append((name, layer, shape))
+        return rows
+
+
+class Residual(Module):
+    """ResNet basic block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``.
+
+    Args:
+        in_channels, out_channels: channel counts; stride: stride of conv1 (and of the projection).
+        projection: use a 1x1 conv + BN shortcut (``downsample``); required when the shape changes.
+
+    Shape:
+        x: (N, C_in, H, W) -> out: (N, C_out, H_out, W_out), H_out = (H - 1) // stride + 1
+    """
+
+    def __init__(self, in_channels, out_channels, stride=1, projection=None, rng=None):
+        super().__init__()
+        if projection is None:
+            projection = stride != 1 or in_channels != out_channels
+        if not projection and (stride != 1 or in_channels != out_channels):
+            raise ValueError("Residual without projection needs stride 1 and in_channels == out_channels")
+        self.conv1 = self.add_module("conv1", Conv2d(in_channels, out_channels, 3, stride, 1, bias=False, rng=rng))
+        self.bn1 = self.add_module("bn1", BatchNorm2d(out_channels))
+        self.relu1 = self.add_module("relu1", ReLU())
+        self.conv2 = self.add_module("conv2", Conv2d(out_channels, out_channels, 3, 1, 1, bias=False, rng=rng))
+        self.bn2 = self.add_module("bn2", BatchNorm2d(out_channels))
+        self.main = [self.conv1, self.bn1, self.relu1, self.conv2, self.bn2]
+        self.downsample = None
+        if projection:
+            self.downsample = self.add_module("downsample", Sequential(
+                Conv2d(in_channels, out_channels, 1, stride, 0, bias=False, rng=rng), BatchNorm2d(out_channels)))
+        self.relu_out = ReLU()
+
+    def forward(self, x):
+        h = x
+        for layer in self.main:
+            h = layer.forward(h)
+        short = x if self.downsample is None else self.downsample.forward(x)
+        return self.relu_out.forward(h + short)
+
+    def backward(self, dout):
+        d = self.relu_out.backward(dout)
+        dmain = d
+        for layer in reversed(self.main):
+            dmain = layer.backward(dmain)
+        dshort = d if self.downsample is None else self.downsample.backward(d)
+        return dmain + dshort
+
+    def output_shape(self, in_shape):
+        shape = tuple(in_shape)
+        for layer in self.main:
+            shape = layer.output_shape(shape)
+        return shape

@@ -1,0 +1,183 @@
+"""Optimizers with torch's update rules, updating a module's parameters in place.
+
+``opt = SGD(model, lr=0.1)``; after ``model.backward(...)``, ``opt.step()``. State is kept per
+dotted parameter name and created on first use. Schedules change ``opt.lr``.
+
+Two kinds of L2 penalty:
+
+- ``weight_decay`` adds ``weight_decay * p`` to the gradient of *every* parameter, as torch does;
+- ``reg`` is the seed projects' penalty: ``reg * W`` is added to the gradient of the weights of
+  Linear and Conv2d layers only (not biases, not BatchNorm), i.e. the gradient of
+  ``0.5 * reg * sum(W**2)``.
+"""
+import math
+
+import numpy as np
+
+
+class Optimizer:
+    """Base class: walks the parameters, applies ``reg`` / ``weight_decay``, calls :meth:`update`."""
+
+    def __init__(self, model, lr, weight_decay=0.0, reg=0.0):
+        self.model = model
+        self.lr = lr
+        for name, value in (("weight_decay", weight_decay), ("reg", reg)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.weight_decay, self.reg = weight_decay, reg
+        self.state = {}
+        self.steps = 0
+
+    @property
+    def lr(self):
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        if not value > 0:
+            raise ValueError(f"learning rate must be > 0, got {value}")
+        self._lr = float(value)
+
+    def step(self):
+        """Update every parameter from the gradients of the last backward pass."""
+        self.steps += 1
+        for name, module, key, regularised in self.model.param_slots():
+            p, g = module.params[key], module.grads.get(key)
+            if g is None:
+                continue
+            decay = self.weight_decay + (self.reg if regularised else 0.0)
+            if decay:
+                g = g + decay * p
+            self.update(name, p, g)
+
+    def update(self, name, p, g):
+        """Change ``p`` in place given its (penalised) gradient ``g``."""
+        raise NotImplementedError
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum, torch's rule.
+
+    ``buf = momentum * buf + (1 - dampening) * g`` (``buf = g`` on the first step);
+    ``p -= lr * (g + momentum * buf if nesterov else buf)``.
+    Sutskever et al. 2013, http://proceedings.mlr.press/v28/sutskever13.html
+    """
+
+    def __init__(self, model, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, reg=0.0):
+        super().__init__(model, lr, weight_decay, reg)
+        if momentum < 0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum needs momentum > 0 and dampening 0")
+        self.momentum, self.dampening, self.nesterov = momentum, dampening, nesterov
+
+    def update(self, name, p, g):
+        if self.momentum:
+            buf = self.state.get(name)
+            if buf is None:
+                buf = self.state[name] = g.copy()
+            else:
+                buf *= self.momentum
+                buf += (1 - self.dampening) * g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p -= self.lr * g
+
+
+class Adagrad(Optimizer):
+    """Adagrad: ``sum += g**2; p -= lr / (1 + (t-1)*lr_decay) * g / (sqrt(sum) + eps)``.
+
+    Duchi et al. 2011, https://jmlr.org/papers/v12/duchi11a.html
+    """
+
+    def __init__(self, model, lr=1e-2, lr_decay=0.0, eps=1e-10, initial_accumulator_value=0.0,
+                 weight_decay=0.0, reg=0.0):
+        super().__init__(model, lr, weight_decay, reg)
+        self.lr_decay, self.eps, self.initial = lr_decay, eps, initial_accumulator_value
+
+    def update(self, name, p, g):
+        acc = self.state.get(name)
+        if acc is None:
+            acc = self.state[name] = np.full_like(p, self.initial)
+        acc += g * g
+        clr = self.lr / (1 + (self.steps - 1) * self.lr_decay)
+        p -= clr * g / (np.sqrt(acc) + self.eps)
+
+
+class RMSprop(Optimizer):
+    """RMSprop, torch's rule: ``v = alpha*v + (1-alpha)*g**2``; ``p -= lr * g / (sqrt(v) + eps)``
+    (with momentum: ``buf = momentum*buf + g/(sqrt(v)+eps); p -= lr*buf``).
+
+    Hinton, Lecture 6e, http://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
+    """
+
+    def __init__(self, model, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0, reg=0.0):
+        super().__init__(model, lr, weight_decay, reg)
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha, self.eps, self.momentum = alpha, eps, momentum
+
+    def update(self, name, p, g):
+        st = self.state.setdefault(name, {})
+        v = st.get("square_avg")
+        if v is None:
+            v = st["square_avg"] = np.zeros_like(p)
+        v *= self.alpha
+        v += (1 - self.alpha) * g * g
+        step = g / (np.sqrt(v) + self.eps)
+        if self.momentum:
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = np.zeros_like(p)
+            buf *= self.momentum
+            buf += step
+            step = buf
+        p -= self.lr * step
+
+
+class Adam(Optimizer):
+    """Adam with bias correction, torch's rule (``weight_decay`` is L2 added to g, not AdamW).
+
+    ``m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g**2;``
+    ``p -= lr / (1-b1**t) * m / (sqrt(v) / sqrt(1-b2**t) + eps)``.
+    Kingma and Ba 2015, https://arxiv.org/abs/1412.6980
+    """
+
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, reg=0.0):
+        super().__init__(model, lr, weight_decay, reg)
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must be in [0, 1), got {tuple(betas)}")
+        self.betas, self.eps = (float(b1), float(b2)), eps
+
+    def update(self, name, p, g):
+        st = self.state.setdefault(name, {})
+        if not st:
+            st["exp_avg"], st["exp_avg_sq"] = np.zeros_like(p), np.zeros_like(p)
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        b1, b2 = self.betas
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * g * g
+        t = self.steps
+        # math.sqrt keeps a Python float: a np.float64 scalar would upcast float32 arrays
+        denom = np.sqrt(v) / math.sqrt(1 - b2 ** t) + self.eps
+        p -= (self.lr / (1 - b1 ** t)) * m / denom
+
+
+OPTIMIZERS = {
+    "sgd": (SGD, {}),
+    "momentum": (SGD, {"momentum": 0.9}),
+    "nesterov": (SGD, {"momentum": 0.9, "nesterov": True}),
+    "adagrad": (Adagrad, {}),
+    "rmsprop": (RMSprop, {}),
+    "adam": (Adam, {}),
+}
+
+
+def build(name, model, lr, **options):
+    """The optimizer registered as ``name`` (see ``OPTIMIZERS``); ``options`` override its defaults."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    cls, defaults = OPTIMIZERS[name]
+    return cls(model, lr=lr, **{**defaults, **options})

@@ -1,0 +1,53 @@
+"""The fast im2col Conv2d against the naive loop reference."""
+import numpy as np
+import pytest
+
+from numexp import kernels, nn
+from numexp.gradcheck import rel_error
+
+CASES = [  # (shape, out_channels, kernel, stride, padding)
+    ((2, 3, 7, 7), 4, 3, 1, 1),
+    ((1, 2, 9, 6), 3, 3, 2, 0),   # batch of 1, non-square, stride 2
+    ((3, 1, 8, 8), 5, 5, 1, 2),
+    ((2, 4, 5, 7), 2, 1, 1, 0),   # kernel 1
+    ((2, 3, 11, 10), 4, 5, 2, 1),  # odd sizes, stride 2, padding 1
+    ((1, 2, 6, 6), 3, 3, 2, 2),
+]
+
+
+@pytest.mark.parametrize("shape,f,k,stride,padding", CASES)
+def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, padding):
+    rng = np.random.default_rng(0)
+    fast = nn.Conv2d(shape[1], f, k, stride, padding, rng=np.random.default_rng(1))
+    naive = nn.Conv2d(shape[1], f, k, stride, padding, method="naive", rng=np.random.default_rng(1))
+    x = rng.standard_normal(shape).astype(np.float32)
+    out_fast, out_naive = fast(x), naive(x)
+    assert out_fast.shape == out_naive.shape == (shape[0], f) + fast.output_shape(shape[1:])[1:]
+    assert rel_error(out_fast, out_naive) < 1e-5
+    dout = rng.standard_normal(out_fast.shape).astype(np.float32)
+    assert rel_error(fast.backward(dout), naive.backward(dout)) < 1e-5
+    for name in ("weight", "bias"):
+        assert rel_error(fast.grads[name], naive.grads[name]) < 1e-5
+
+
+def test_col2im_is_the_adjoint_of_im2col():
+    # <im2col(x), c> == <x, col2im(c)> for any x and c, including overlapping windows
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 7, 6))
+    col = kernels.im2col(x, 3, 3, 2, 1)
+    c = rng.standard_normal(col.shape)
+    assert np.isclose(np.vdot(col, c), np.vdot(x, kernels.col2im(c, x.shape, 3, 3, 2, 1)))
+
+
+def test_conv_keeps_float32():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = np.ones((2, 3, 5, 5), dtype=np.float32)
+    out = conv(x)
+    assert out.dtype == np.float32
+    assert conv.backward(np.ones_like(out)).dtype == np.float32
+    assert conv.grads["weight"].dtype == np.float32
+
+
+def test_unknown_conv_method_is_refused():
+    with pytest.raises(ValueError, match="im2col"):
+        nn.Conv2d(1, 1, 3, method="fft")

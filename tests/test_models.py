@@ -1,0 +1,117 @@
+"""Models build from the input shape, refuse inputs they cannot fit, keep float32, and train."""
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from numexp import losses, models, optim
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """sklearn's digits, normalised, shuffled with a fixed seed: (x_train, y_train, x_test, y_test)."""
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], d.target[order]
+    x = (x - x[:1400].mean()) / x[:1400].std()
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def upsample_to_28(x):
+    """8x8 -> 24x24 by repeating each pixel 3x3, then 2 pixels of zero padding -> 28x28."""
+    big = np.repeat(np.repeat(x, 3, axis=2), 3, axis=3)
+    return np.pad(big, ((0, 0), (0, 0), (2, 2), (2, 2)))
+
+
+def fit(model, x, y, opt, epochs, batch_size=32, seed=1):
+    loss_fn, rng = losses.build("softmax"), np.random.default_rng(seed)
+    for _ in range(epochs):
+        model.train()
+        order = rng.permutation(len(x))
+        for i in range(0, len(x), batch_size):
+            b = order[i:i + batch_size]
+            _, dscores = loss_fn(model(x[b]), y[b])
+            model.backward(dscores)
+            opt.step()
+    return model
+
+
+def accuracy(model, x, y):
+    model.eval()
+    return float((model(x).argmax(axis=1) == y).mean())
+
+
+@pytest.mark.parametrize("name,optimizer,lr,epochs,options", [
+    ("simplenet", "momentum", 0.01, 4, {}),
+    ("simple_convnet", "momentum", 0.05, 15, {}),
+    ("mlp", "momentum", 0.05, 15, {}),
+    ("resnet_small", "momentum", 0.05, 8, {}),
+])
+def test_model_reaches_97_percent_on_digits(digits, name, optimizer, lr, epochs, options):
+    x_train, y_train, x_test, y_test = digits
+    model = models.build(name, (1, 8, 8), 10, rng=np.random.default_rng(0), **options)
+    fit(model, x_train, y_train, optim.build(optimizer, model, lr=lr), epochs)
+    assert accuracy(model, x_test, y_test) >= 0.97
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options,lr,epochs", [({"activation": "relu", "pool": "max"}, 1e-3, 8), ({}, 2e-3, 15)],
+                         ids=["relu_max", "classic"])
+def test_lenet5_reaches_97_percent_on_digits_upsampled_to_28(digits, options, lr, epochs):
+    x_train, y_train, x_test, y_test = digits
+    model = models.build("lenet5", (1, 28, 28), 10, rng=np.random.default_rng(0), **options)
+    fit(model, upsample_to_28(x_train), y_train, optim.build("adam", model, lr=lr), epochs)
+    assert accuracy(model, upsample_to_28(x_test), y_test) >= 0.97
+
+
+def test_softmax_regression_learns_digits(digits):
+    x_train, y_train, x_test, y_test = digits
+    model = models.build("softmax_regression", (1, 8, 8), 10, rng=np.random.default_rng(0))
+    fit(model, x_train, y_train, optim.build("momentum", model, lr=0.05), 15)
+    assert accuracy(model, x_test, y_test) >= 0.95
+
+
+def test_simplenet_flatten_size_is_4096_on_32x32():
+    model = models.build("simplenet", (3, 32, 32), 43)
+    assert model["fc1"].params["weight"].shape == (3072, 4096)
+    assert model["fc2"].params["weight"].shape == (43, 3072)
+
+
+def test_flatten_sizes_follow_the_input_shape():
+    assert models.build("simplenet", (1, 8, 8), 10)["fc1"].params["weight"].shape == (3072, 64 * 2 * 2)
+    assert models.build("lenet5", (1, 32, 32), 10)["fc1"].params["weight"].shape == (120, 400)
+    assert models.build("lenet5", (1, 28, 28), 10)["conv1"].padding == 2
+
+
+def test_lenet5_on_8x8_fails_at_build_time_with_clear_message():
+    with pytest.raises(models.ModelError, match=r"lenet5.*\(1, 8, 8\).*too small"):
+        models.build("lenet5", (1, 8, 8), 10)
+
+
+def test_unknown_model_and_option_are_refused():
+    with pytest.raises(models.ModelError, match="choose one of"):
+        models.build("vgg", (1, 8, 8), 10)
+    with pytest.raises(models.ModelError, match="mlp"):
+        models.build("mlp", (1, 8, 8), 10, depth=3)
+
+
+def test_same_rng_seed_gives_identical_weights():
+    a = models.build("simple_convnet", (1, 28, 28), 10, rng=np.random.default_rng(3)).state_dict()
+    b = models.build("simple_convnet", (1, 28, 28), 10, rng=np.random.default_rng(3)).state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("loss", ["softmax", "svm_l1", "svm_l2"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"])
+def test_training_step_never_leaves_float32(loss, optimizer):
+    rng = np.random.default_rng(0)
+    model = models.build("resnet_small", (3, 8, 8), 5, rng=rng)
+    opt = optim.build(optimizer, model, lr=1e-3, reg=1e-4)
+    scores = model(rng.standard_normal((4, 3, 8, 8)).astype(np.float32))
+    _, dscores = losses.build(loss)(scores, np.array([0, 1, 2, 3]))
+    assert scores.dtype == dscores.dtype == np.float32
+    assert model.backward(dscores).dtype == np.float32
+    opt.step()
+    for name, p in list(model.named_params()) + list(model.named_buffers()):
+        assert p.dtype == np.float32, name
+    assert all(g.dtype == np.float32 for _, g in model.named_grads())
