@@ -90,8 +90,9 @@ def to_torch(model, dtype=None):
     """A torch twin of a numexp Sequential/model with the same parameters, in ``dtype`` (default: the model's)."""
     torch = _torch()
     twin = torch_layer(model)
-    first = next(iter(model.state_dict().values()))
-    twin = twin.to({np.dtype(np.float64): torch.float64}.get(np.dtype(dtype or first.dtype), torch.float32))
+    arrays = list(model.state_dict().values())
+    dtype = np.dtype(dtype or (arrays[0].dtype if arrays else nn.get_default_dtype()))
+    twin = twin.to(torch.float64 if dtype == np.float64 else torch.float32)
     copy_state(model, twin)
     twin.train(model.training)
     return twin
