@@ -74,6 +74,7 @@ def gemm_gflops(threads, m=64, k=4096, n=3072, repeat=20):
 class NumexpRunner:
     def __init__(self, name, spec, rng):
         self.model = models.build(name, spec["in_shape"], spec["num_classes"], rng=rng, **spec["options"])
+        self.model.set_input_grad(False)  # as torch, which needs no gradient for a plain input tensor
         self.loss = losses.build("softmax")
         self.opt = optim.build("sgd", self.model, lr=1e-3)
 

@@ -23,51 +23,73 @@ def pad2d(x, padding):
     return np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
 
 
+def channels_last(x):
+    """The (N, H, W, C) view of an (N, C, H, W) array; free when its memory is already channels-last.
+
+    numexp's convolutions return NCHW-shaped views of channels-last memory, so the layers in
+    between (BatchNorm, ReLU, pooling) and the next convolution work on it without a copy.
+    """
+    return x.transpose(0, 2, 3, 1)
+
+
+def channels_first(x):
+    """The (N, C, H, W) view of an (N, H, W, C) array (inverse of :func:`channels_last`)."""
+    return x.transpose(0, 3, 1, 2)
+
+
+def pad_nhwc(x, padding):
+    """Zero-pad the spatial axes of an (N, H, W, C) array into a new channels-last array."""
+    if padding == 0:
+        return x
+    N, H, W, C = x.shape
+    xp = np.zeros((N, H + 2 * padding, W + 2 * padding, C), dtype=x.dtype)
+    xp[:, padding:padding + H, padding:padding + W, :] = x
+    return xp
+
+
 def im2col(x, kh, kw, stride=1, padding=0):
-    """Unfold image patches into rows.
+    """Unfold image patches into rows, channels fastest.
 
     Shape:
-        x: (N, C, H, W) -> col: (N*out_h*out_w, C*kh*kw), rows ordered (n, oh, ow),
-        columns ordered (c, i, j) so that ``col @ weight.reshape(F, -1).T`` is the
-        convolution with a torch-layout weight (F, C, kh, kw).
+        x: (N, C, H, W) (any memory layout) -> col: (N*out_h*out_w, kh*kw*C), rows ordered
+        (n, oh, ow), columns ordered (i, j, c), so ``col @ w.transpose(0, 2, 3, 1).reshape(F, -1).T``
+        is the convolution with a torch-layout weight w (F, C, kh, kw).
 
-    One strided view of the padded input and one copy: no loop at all.
+    One strided view of the padded channels-last input and one copy: no loop at all.
     """
     N, C, H, W = x.shape
     out_h = conv_output_size(H, kh, stride, padding)
     out_w = conv_output_size(W, kw, stride, padding)
-    xp = pad2d(x, padding)
-    sn, sc, sh, sw = xp.strides
+    xp = pad_nhwc(channels_last(x), padding)
+    sn, sh, sw, sc = xp.strides
     patches = as_strided(
         xp,
-        shape=(N, out_h, out_w, C, kh, kw),
-        strides=(sn, sh * stride, sw * stride, sc, sh, sw),
+        shape=(N, out_h, out_w, kh, kw, C),
+        strides=(sn, sh * stride, sw * stride, sh, sw, sc),
         writeable=False,
     )
-    return patches.reshape(N * out_h * out_w, C * kh * kw)
+    return patches.reshape(N * out_h * out_w, kh * kw * C)
 
 
-def col2im(col, x_shape, kh, kw, stride=1, padding=0):
-    """Fold patch rows back into an image, summing overlapping taps (adjoint of im2col).
+def col2im(taps, x_shape, kh, kw, stride=1, padding=0):
+    """Fold per-tap patch gradients back into an image, summing overlaps (adjoint of im2col).
 
     Shape:
-        col: (N*out_h*out_w, C*kh*kw) -> dx: x_shape = (N, C, H, W)
+        taps: (kh*kw, N*out_h*out_w, C), tap-major (i, j) -> dx: x_shape = (N, C, H, W) as a view
+        of channels-last memory.
 
-    One strided slice-add per kernel tap (kh*kw of them), far cheaper than
-    ``np.add.at`` over every index.
+    One strided slice-add per kernel tap, far cheaper than ``np.add.at`` over every index;
+    the tap-major layout makes each added block contiguous.
     """
     N, C, H, W = x_shape
     out_h = conv_output_size(H, kh, stride, padding)
     out_w = conv_output_size(W, kw, stride, padding)
-    # (N, oh, ow, C, i, j) -> (i, j, N, C, oh, ow) so each tap is one contiguous block
-    taps = col.reshape(N, out_h, out_w, C, kh, kw).transpose(4, 5, 0, 3, 1, 2)
-    dxp = np.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=col.dtype)
+    taps = taps.reshape(kh, kw, N, out_h, out_w, C)
+    dxp = np.zeros((N, H + 2 * padding, W + 2 * padding, C), dtype=taps.dtype)
     for i in range(kh):
         for j in range(kw):
-            dxp[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride] += taps[i, j]
-    if padding == 0:
-        return dxp
-    return dxp[:, :, padding:-padding, padding:-padding]
+            dxp[:, i:i + stride * out_h:stride, j:j + stride * out_w:stride, :] += taps[i, j]
+    return channels_first(dxp[:, padding:padding + H, padding:padding + W, :])
 
 
 def window_taps(x, kh, kw, stride, out_h, out_w):

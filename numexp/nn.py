@@ -63,6 +63,8 @@ class Module:
     """
 
     reg_keys = ()
+    # False on a network's first layer skips the input gradient nobody uses (as torch does for inputs)
+    needs_input_grad = True
 
     def __init__(self):
         self.params = {}
@@ -80,6 +82,14 @@ class Module:
 
     def backward(self, dout):
         raise NotImplementedError
+
+    def _grad_buffer(self, key):
+        """The array to write ``grads[key]`` into: last step's when it fits, so large gradients
+        (FC1's 12.6M weights) are not freshly allocated, page-faulted and freed every step."""
+        p, g = self.params[key], self.grads.get(key)
+        if g is None or g.shape != p.shape or g.dtype != p.dtype:
+            g = np.empty_like(p)
+        return g
 
     def output_shape(self, in_shape):
         """Shape of one sample's output, given one sample's input shape (no batch axis)."""
@@ -216,6 +226,12 @@ def load_npz(path):
 
 # --------------------------------------------------------------------------- layers
 
+def _column_sums(rows):
+    """Sum over axis 0 of a 2-D array as a GEMV with a ones vector: far faster than ``sum(axis=0)``
+    on tall arrays, whose reduction runs across the fast axis."""
+    return np.ones(rows.shape[0], dtype=rows.dtype) @ rows
+
+
 class Linear(Module):
     """Affine map ``out = x @ weight.T + bias``.
 
@@ -250,10 +266,10 @@ class Linear(Module):
 
     def backward(self, dout):
         x = self._cache
-        self.grads["weight"] = dout.T @ x
+        self.grads["weight"] = np.matmul(dout.T, x, out=self._grad_buffer("weight"))
         if "bias" in self.params:
-            self.grads["bias"] = dout.sum(axis=0)
-        return dout @ self.params["weight"]
+            self.grads["bias"] = _column_sums(dout)
+        return dout @ self.params["weight"] if self.needs_input_grad else None
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.in_features,):
@@ -304,14 +320,15 @@ class Conv2d(Module):
             self._cache = x
             return kernels.conv2d_naive(x, w, b, self.stride, self.padding)
         N, _, H, W = x.shape
-        k, s, p = self.kernel_size, self.stride, self.padding
+        k, s, p, F = self.kernel_size, self.stride, self.padding, self.out_channels
         out_h, out_w = kernels.conv_output_size(H, k, s, p), kernels.conv_output_size(W, k, s, p)
-        col = kernels.im2col(x, k, k, s, p)
-        out = col @ w.reshape(self.out_channels, -1).T  # (N*out_h*out_w, F)
+        col = kernels.im2col(x, k, k, s, p)  # (N*out_h*out_w, k*k*C)
+        w_rows = w.transpose(0, 2, 3, 1).reshape(F, -1)  # (F, k*k*C), matching col's columns
+        out = col @ w_rows.T  # (N*out_h*out_w, F): channels-last memory
         if b is not None:
             out += b
-        self._cache = (x.shape, col)
-        return out.reshape(N, out_h, out_w, self.out_channels).transpose(0, 3, 1, 2)
+        self._cache = (x.shape, col, w_rows)
+        return kernels.channels_first(out.reshape(N, out_h, out_w, F))
 
     def backward(self, dout):
         w = self.params["weight"]
@@ -321,15 +338,18 @@ class Conv2d(Module):
             if "bias" in self.params:
                 self.grads["bias"] = db
             return dx
-        x_shape, col = self._cache
-        F = self.out_channels
-        d2 = dout.transpose(0, 2, 3, 1).reshape(-1, F)  # rows (n, oh, ow), like col
-        self.grads["weight"] = (d2.T @ col).reshape(w.shape)
+        x_shape, col, w_rows = self._cache
+        F, k = self.out_channels, self.kernel_size
+        d2 = kernels.channels_last(dout).reshape(-1, F)  # rows (n, oh, ow) like col; free for our own outputs
+        dw_rows = d2.T @ col  # (F, k*k*C)
+        self.grads["weight"] = dw_rows.reshape(F, k, k, -1).transpose(0, 3, 1, 2).copy()
         if "bias" in self.params:
-            self.grads["bias"] = d2.sum(axis=0)
-        dcol = d2 @ w.reshape(F, -1)
-        k = self.kernel_size
-        return kernels.col2im(dcol, x_shape, k, k, self.stride, self.padding)
+            self.grads["bias"] = _column_sums(d2)
+        if not self.needs_input_grad:
+            return None
+        # one batched GEMM straight into the tap-major layout col2im adds from
+        w_taps = w_rows.reshape(F, k * k, -1).transpose(1, 0, 2)  # (k*k, F, C)
+        return kernels.col2im(np.matmul(d2, w_taps), x_shape, k, k, self.stride, self.padding)
 
     def output_shape(self, in_shape):
         C, H, W = in_shape
@@ -379,7 +399,7 @@ class MaxPool2d(_Pool2d):
         k, s = self.kernel_size, self.stride
         taps = kernels.window_taps(x, k, k, s, out_h, out_w)
         _, out = next(taps)
-        out = out.copy()
+        out = out.copy(order="K")  # keep the input's memory layout (channels-last after a conv)
         for _, view in taps:
             np.maximum(out, view, out=out)
         self._cache = (x, out)
@@ -390,11 +410,20 @@ class MaxPool2d(_Pool2d):
         _, _, out_h, out_w = out.shape
         k, s = self.kernel_size, self.stride
         dx = np.zeros_like(x)
-        taken = np.zeros(out.shape, dtype=bool)
+        taken = None
         for (i, j), view in kernels.window_taps(x, k, k, s, out_h, out_w):
-            winner = (view == out) & ~taken
-            taken |= winner
-            dx[kernels.tap_slice(i, j, s, out_h, out_w)] += np.where(winner, dout, 0)
+            winner = view == out
+            if taken is None:
+                taken = winner
+            else:
+                np.greater(winner, taken, out=winner)  # winner and not taken: the first maximum wins
+                taken |= winner
+            grad = np.where(winner, dout, 0)
+            where = kernels.tap_slice(i, j, s, out_h, out_w)
+            if s >= k:  # windows do not overlap: each input gets at most one gradient
+                dx[where] = grad
+            else:
+                dx[where] += grad
         return dx
 
 
@@ -508,11 +537,14 @@ class Flatten(Module):
     """Shape: x: (N, *dims) -> out: (N, prod(dims))."""
 
     def forward(self, x):
-        self._cache = x.shape
+        self._cache = x
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dout):
-        return dout.reshape(self._cache)
+        x = self._cache
+        dx = np.empty_like(x)  # the input's memory layout, so the layers below stay channels-last
+        dx[...] = dout.reshape(x.shape)
+        return dx
 
     def output_shape(self, in_shape):
         return (int(np.prod(in_shape)),)
@@ -568,45 +600,60 @@ class _BatchNorm(Module):
         self.buffers["running_mean"] = np.zeros(num_features, dtype=dt)
         self.buffers["running_var"] = np.ones(num_features, dtype=dt)
 
-    def _axes(self, x):
-        return (0,) + tuple(range(2, x.ndim))
+    @staticmethod
+    def _rows(x):
+        """(M, C) matrix of x with the channel axis 1 last: free for channels-last memory."""
+        if x.ndim == 2:
+            return x
+        return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
 
-    def _bcast(self, v, ndim):
-        return v.reshape((1, -1) + (1,) * (ndim - 2))
+    @staticmethod
+    def _unrows(rows, shape):
+        """Inverse of :meth:`_rows`: an array of ``shape`` viewing ``rows``."""
+        if len(shape) == 2:
+            return rows
+        return np.moveaxis(rows.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],)), -1, 1)
 
     def forward(self, x):
-        axes = self._axes(x)
+        X = self._rows(x)
         if self.training:
-            m = x.size // x.shape[1]
-            mean = x.mean(axis=axes)
-            var = x.var(axis=axes)
+            m = X.shape[0]
+            mean = _column_sums(X) * (1.0 / m)
+            xhat = X - mean
+            var = np.einsum("ij,ij->j", xhat, xhat) * (1.0 / m)
             m_ = self.momentum
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             rm *= 1 - m_
             rm += m_ * mean
             rv *= 1 - m_
-            rv += (m_ * m / max(m - 1, 1)) * var
+            rv += (m_ * m / max(m - 1, 1)) * var  # running_var keeps the unbiased variance
         else:
-            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
+            var = self.buffers["running_var"]
+            xhat = X - self.buffers["running_mean"]
         inv_std = 1 / np.sqrt(var + self.eps)
-        xhat = (x - self._bcast(mean, x.ndim)) * self._bcast(inv_std, x.ndim)
-        out = xhat * self._bcast(self.params["weight"], x.ndim) + self._bcast(self.params["bias"], x.ndim)
+        xhat *= inv_std
+        out = xhat * self.params["weight"]
+        out += self.params["bias"]
         self._cache = (xhat, inv_std, self.training)
-        return out
+        return self._unrows(out, x.shape)
 
     def backward(self, dout):
         xhat, inv_std, batch_stats = self._cache
-        axes = self._axes(dout)
-        nd = dout.ndim
-        dbeta = dout.sum(axis=axes)
-        dgamma = (dout * xhat).sum(axis=axes)
+        D = self._rows(dout)
+        dbeta = _column_sums(D)
+        dgamma = np.einsum("ij,ij->j", D, xhat)
         self.grads["weight"], self.grads["bias"] = dgamma, dbeta
-        scale = self._bcast(self.params["weight"] * inv_std, nd)
+        scale = self.params["weight"] * inv_std
         if not batch_stats:
-            return dout * scale
-        m = dout.size // dout.shape[1]
-        # d/dx of normalising with the batch's own mean and variance
-        return scale * (dout - self._bcast(dbeta / m, nd) - xhat * self._bcast(dgamma / m, nd))
+            return self._unrows(D * scale, dout.shape)
+        m = D.shape[0]
+        # d/dx of normalising with the batch's own mean and variance:
+        # scale * (dout - mean(dout) - xhat * mean(dout * xhat))
+        dx = xhat * (dgamma * (1.0 / m))
+        np.subtract(D, dx, out=dx)
+        dx -= dbeta * (1.0 / m)
+        dx *= scale
+        return self._unrows(dx, dout.shape)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -662,7 +709,23 @@ class Sequential(Module):
     def backward(self, dout):
         for layer in reversed(self._children.values()):
             dout = layer.backward(dout)
+            if dout is None:  # a first layer that skips its input gradient
+                break
         return dout
+
+    def set_input_grad(self, enabled):
+        """Whether backward returns the gradient of the input; off saves the first layer's dx GEMM.
+
+        The flag goes to the first layer with parameters; parameter-free layers before it (Flatten)
+        are skipped by backward, which then returns None.
+        """
+        for layer in self._children.values():
+            if layer.params:
+                layer.needs_input_grad = enabled
+                return self
+            if layer._children:
+                return self  # a block first: keep its input gradient (nothing saved, nothing wrong)
+        return self
 
     def output_shape(self, in_shape):
         shape = tuple(in_shape)

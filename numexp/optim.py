@@ -26,6 +26,7 @@ class Optimizer:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.weight_decay, self.reg = weight_decay, reg
         self.state = {}
+        self._scratch = {}  # per-parameter temporaries reused across steps, not optimizer state
         self.steps = 0
 
     @property
@@ -80,7 +81,12 @@ class SGD(Optimizer):
                 buf *= self.momentum
                 buf += (1 - self.dampening) * g
             g = g + self.momentum * buf if self.nesterov else buf
-        p -= self.lr * g
+        # a reused scratch array: a fresh 50 MB temporary per step costs more than the update itself
+        scratch = self._scratch.get(name)
+        if scratch is None:
+            scratch = self._scratch[name] = np.empty_like(p)
+        np.multiply(g, self.lr, out=scratch)
+        p -= scratch
 
 
 class Adagrad(Optimizer):

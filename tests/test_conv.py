@@ -34,9 +34,10 @@ def test_col2im_is_the_adjoint_of_im2col():
     # <im2col(x), c> == <x, col2im(c)> for any x and c, including overlapping windows
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 3, 7, 6))
-    col = kernels.im2col(x, 3, 3, 2, 1)
+    col = kernels.im2col(x, 3, 3, 2, 1)  # (M, 9*C), columns (i, j, c)
     c = rng.standard_normal(col.shape)
-    assert np.isclose(np.vdot(col, c), np.vdot(x, kernels.col2im(c, x.shape, 3, 3, 2, 1)))
+    taps = c.reshape(len(c), 9, 3).transpose(1, 0, 2)  # the same numbers, tap-major (9, M, C)
+    assert np.isclose(np.vdot(col, c), np.vdot(x, kernels.col2im(taps, x.shape, 3, 3, 2, 1)))
 
 
 def test_conv_keeps_float32():
@@ -51,3 +52,16 @@ def test_conv_keeps_float32():
 def test_unknown_conv_method_is_refused():
     with pytest.raises(ValueError, match="im2col"):
         nn.Conv2d(1, 1, 3, method="fft")
+
+
+def test_first_layer_can_skip_its_input_gradient():
+    from numexp import models
+    model = models.build("simple_convnet", (1, 12, 12), 3)
+    x = np.ones((2, 1, 12, 12), dtype=np.float32)
+    scores = model(x)
+    assert model.backward(np.ones_like(scores)).shape == x.shape
+    weight_grad = model["conv1"].grads["weight"].copy()
+    model.set_input_grad(False)
+    model(x)
+    assert model.backward(np.ones_like(scores)) is None
+    np.testing.assert_array_equal(model["conv1"].grads["weight"], weight_grad)
