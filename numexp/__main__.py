@@ -1,6 +1,22 @@
+"""Command line: ``numexp [OVERRIDES]`` / ``python -m numexp [OVERRIDES]`` trains through Hydra
+(``-m`` sweeps); ``numexp collect SWEEP_DIR`` rebuilds a sweep's runs.csv."""
+import sys
+
 import hydra
-@hydra.main(version_base="1.3", config_path="pkg://numexp.conf", config_name="config")
-def main(cfg):
-    print(cfg)
+
+from numexp import config, sweep, trainer
+
+COMMANDS = {"collect": sweep.main}
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
+    config.register()
+    # the task lives in an importable module: joblib's workers unpickle it by reference
+    app = hydra.main(version_base="1.3", config_path="pkg://numexp.conf", config_name="config")(trainer.task)
+    app()
+
+
 if __name__ == "__main__":
     main()

@@ -418,7 +418,7 @@ class MaxPool2d(_Pool2d):
             else:
                 np.greater(winner, taken, out=winner)  # winner and not taken: the first maximum wins
                 taken |= winner
-            grad = np.where(winner, dout, 0)
+            grad = dout * winner
             where = kernels.tap_slice(i, j, s, out_h, out_w)
             if s >= k:  # windows do not overlap: each input gets at most one gradient
                 dx[where] = grad
@@ -485,7 +485,8 @@ class ReLU(Module):
         return out
 
     def backward(self, dout):
-        return np.where(self._cache > 0, dout, 0).astype(dout.dtype, copy=False)
+        # a ufunc keeps channels-last memory order; np.where iterates in C order, 6x slower here
+        return dout * (self._cache > 0)
 
 
 class Sigmoid(Module):
