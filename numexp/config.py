@@ -1,0 +1,399 @@
+"""Typed config schemas (Hydra ConfigStore) and the value checks run before training.
+
+Each group option in ``conf/<group>/<option>.yaml`` lists its schema (``base_<option>``, or
+``base_<group>`` when the group's options share one; stored under ``schema/<group>``) in its
+defaults, so a misspelt key, a value of the wrong type or an unknown choice (Enum fields) fails
+at composition, in Hydra's words. :func:`validate` then checks what a type cannot express
+(``lr > 0``, ``dropout`` in [0, 1), keys added with ``+key=...``).
+
+Keys are the keyword arguments of the component they configure (``models.build``,
+``optim.build``, ``data.load``, the schedule classes), so config keys = constructor args =
+runs-table columns.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from numexp.data.batching import AUGMENTERS
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what is allowed."""
+
+
+# --------------------------------------------------------------------------- model
+
+# Choices as Enums: composition then refuses any other value and lists the allowed ones
+Init = Enum("Init", {name: name for name in ["he", "xavier", "normal", "torch"]})
+Activation = Enum("Activation", {name: name for name in ["relu", "sigmoid", "tanh"]})
+Pool = Enum("Pool", {name: name for name in ["avg", "max"]})
+
+
+@dataclass
+class ModelConfig:
+    # registry name in numexp.models.MODELS
+    name: str = MISSING
+    # weight init: he, xavier, normal, torch; null = the model's own default
+    init: Optional[Init] = None
+    # standard deviation for init=normal
+    init_std: float = 0.01
+
+
+@dataclass
+class SimplenetConfig(ModelConfig):
+    pass
+
+
+@dataclass
+class SimpleConvnetConfig(ModelConfig):
+    # conv1 output channels
+    filters: int = 30
+    # width of the hidden Linear layer
+    hidden: int = 100
+
+
+@dataclass
+class Lenet5Config(ModelConfig):
+    # sigmoid (classic), relu or tanh
+    activation: Activation = Activation.sigmoid
+    # avg (classic) or max
+    pool: Pool = Pool.avg
+    # conv1 padding; null = 2 on 28x28 inputs, else 0
+    padding: Optional[int] = None
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    # widths of the hidden layers
+    hidden: List[int] = field(default_factory=lambda: [100])
+    # relu, sigmoid or tanh
+    activation: Activation = Activation.relu
+    # drop probability after each hidden activation, in [0, 1)
+    dropout: float = 0.0
+
+
+@dataclass
+class SoftmaxRegressionConfig(ModelConfig):
+    pass
+
+
+@dataclass
+class ResnetSmallConfig(ModelConfig):
+    # stem channels (doubled in the second residual block)
+    channels: int = 16
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class DataConfig:
+    # registry name in numexp.data.DATASETS
+    name: str = MISSING
+    # folder holding the data set (or its parent); null = $NUMEXP_DATA_ROOT; digits needs none
+    root: Optional[str] = None
+    # share of the training set held out for validation (best-model selection), in (0, 1)
+    val_fraction: float = 0.1
+    # seed of the validation split and of the `fraction` subset (not the run seed: seeds share a split)
+    seed: int = 0
+    # stratified share of train and test kept, in (0, 1]: shrink for quick runs
+    fraction: float = 1.0
+    # resize images to size x size; null = native size
+    size: Optional[int] = None
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    # share of the images held out as the test set (digits has no official split)
+    test_fraction: float = 0.2
+
+
+@dataclass
+class GtsrbConfig(DataConfig):
+    size: Optional[int] = 32
+    # skip unreadable image files (counted, with a warning) instead of failing
+    skip_bad: bool = False
+    # decoded-image cache folder; null = $NUMEXP_CACHE_DIR or ~/.cache/numexp
+    cache_dir: Optional[str] = None
+    use_cache: bool = True
+
+
+@dataclass
+class ImageFolderConfig(DataConfig):
+    # required (checked by validate): the folder of class folders, not $NUMEXP_DATA_ROOT
+    root: Optional[str] = None
+    size: Optional[int] = 32
+    # 3 (RGB) or 1 (grey)
+    channels: int = 3
+    # share of the images held out as the test set (unless root has train/ and test/)
+    test_fraction: float = 0.2
+    # skip unreadable image files (counted, with a warning) instead of failing
+    skip_bad: bool = False
+
+
+# --------------------------------------------------------------------------- loss, optim, schedule
+
+@dataclass
+class LossConfig:
+    # softmax, svm_l1 or svm_l2
+    name: str = MISSING
+
+
+@dataclass
+class MarginLossConfig(LossConfig):
+    # the hinge margin
+    margin: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    # registry name in numexp.optim.OPTIMIZERS
+    name: str = MISSING
+    # torch's L2 on every parameter; prefer the top-level `reg` (weights only, the seed's penalty)
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class AdagradConfig(OptimConfig):
+    lr_decay: float = 0.0
+    eps: float = 1e-10
+    initial_accumulator_value: float = 0.0
+
+
+@dataclass
+class RMSpropConfig(OptimConfig):
+    alpha: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.0
+
+
+@dataclass
+class AdamConfig(OptimConfig):
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    # fixed, step, exp_decay, cosine or dynamic
+    name: str = MISSING
+
+
+@dataclass
+class StepConfig(ScheduleConfig):
+    # epochs between drops
+    step_size: int = 20
+    # lr multiplier at each drop
+    gamma: float = 0.1
+
+
+@dataclass
+class ExpDecayConfig(ScheduleConfig):
+    # lr multiplier per epoch
+    gamma: float = 0.95
+
+
+@dataclass
+class CosineConfig(ScheduleConfig):
+    # final lr (reached after `epochs` epochs)
+    eta_min: float = 0.0
+
+
+@dataclass
+class DynamicConfig(ScheduleConfig):
+    # epochs between drops; each drop first restores the best-by-val model
+    step_size: int = 20
+    # lr divisor at each drop
+    factor: float = 10.0
+
+
+# --------------------------------------------------------------------------- top level
+
+@dataclass
+class AugmentConfig:
+    # training-batch augmenters, applied in order: crop (random crop after zero padding),
+    # flip (random horizontal flip; not for traffic signs or digits)
+    names: List[str] = field(default_factory=list)
+    # crop padding in pixels
+    padding: int = 4
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    loss: LossConfig = MISSING
+    optim: OptimConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # base learning rate (schedules scale it per epoch)
+    lr: float = MISSING
+    # L2 penalty on Linear/Conv2d weights (gradient += reg * W)
+    reg: float = MISSING
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    # seeds weight init, shuffling and dropout (not the data split: see data.seed)
+    seed: int = MISSING
+    # BLAS threads per run (threadpoolctl); n_jobs * threads should not exceed the cores
+    threads: int = MISSING
+    # early stopping: stop when val_acc has not improved for this many epochs; 0 = off
+    patience: int = MISSING
+    # batch size for evaluation (memory only, no effect on results)
+    eval_batch_size: int = MISSING
+
+
+SCHEMAS = {
+    "model": {"base_simplenet": SimplenetConfig, "base_simple_convnet": SimpleConvnetConfig,
+              "base_lenet5": Lenet5Config, "base_mlp": MLPConfig,
+              "base_softmax_regression": SoftmaxRegressionConfig, "base_resnet_small": ResnetSmallConfig},
+    "data": {"base_data": DataConfig, "base_digits": DigitsConfig, "base_gtsrb": GtsrbConfig,
+             "base_image_folder": ImageFolderConfig},
+    "loss": {"base_loss": LossConfig, "base_margin_loss": MarginLossConfig},
+    "optim": {"base_sgd": SGDConfig, "base_adagrad": AdagradConfig, "base_rmsprop": RMSpropConfig,
+              "base_adam": AdamConfig},
+    "schedule": {"base_schedule": ScheduleConfig, "base_step": StepConfig, "base_exp_decay": ExpDecayConfig,
+                 "base_cosine": CosineConfig, "base_dynamic": DynamicConfig},
+}
+
+
+def register():
+    """Put the schemas in Hydra's ConfigStore (idempotent); call before composing ``numexp.conf``.
+
+    They live under ``schema/<group>`` rather than in the groups themselves, so Hydra's list of
+    a group's options (``model=...``) shows only the YAML options; a YAML option pulls its schema
+    in with ``- /schema/<group>/base_<name>@_here_``.
+    """
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _at_least_one(v):
+    return v >= 1
+
+
+def _unit_open(v):
+    return 0 < v < 1
+
+
+# key -> (test, allowed values in words); keys absent from the chosen options are skipped
+RULES = {
+    "lr": (_positive, "> 0"),
+    "reg": (_non_negative, ">= 0"),
+    "epochs": (_at_least_one, ">= 1"),
+    "batch_size": (_at_least_one, ">= 1"),
+    "threads": (_at_least_one, ">= 1"),
+    "patience": (_non_negative, ">= 0 (0 = no early stopping)"),
+    "eval_batch_size": (_at_least_one, ">= 1"),
+    "augment.names": (lambda v: set(v) <= set(AUGMENTERS), f"a list of {', '.join(AUGMENTERS)}"),
+    "augment.padding": (_non_negative, ">= 0"),
+    "model.init_std": (_positive, "> 0"),
+    "model.filters": (_at_least_one, ">= 1"),
+    "model.hidden": (lambda v: v >= 1 if isinstance(v, int) else len(v) > 0 and min(v) >= 1,
+                     "positive widths"),
+    "model.channels": (_at_least_one, ">= 1"),
+    "model.padding": (lambda v: v is None or v >= 0, ">= 0 or null"),
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.val_fraction": (_unit_open, "in (0, 1): the best model is chosen on validation"),
+    "data.test_fraction": (_unit_open, "in (0, 1)"),
+    "data.fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "data.size": (lambda v: v is None or v >= 1, ">= 1 or null (native size)"),
+    "data.channels": (lambda v: v in (1, 3), "1 or 3"),
+    "loss.margin": (_positive, "> 0"),
+    "optim.weight_decay": (_non_negative, ">= 0"),
+    "optim.momentum": (_non_negative, ">= 0"),
+    "optim.dampening": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.eps": (_positive, "> 0"),
+    "optim.alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.lr_decay": (_non_negative, ">= 0"),
+    "optim.initial_accumulator_value": (_non_negative, ">= 0"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    "schedule.step_size": (_at_least_one, ">= 1"),
+    "schedule.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "schedule.factor": (lambda v: v >= 1, ">= 1"),
+    "schedule.eta_min": (_non_negative, ">= 0"),
+}
+
+
+def validate(cfg):
+    """Check the values of a composed config; raise :class:`ConfigError` naming the first bad key.
+
+    Types and unknown keys are already checked by the schemas when Hydra composes.
+    """
+    _check_known_keys(cfg, Config)
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        key = sorted(missing)[0]
+        raise ConfigError(f"{key} is required: set it on the command line, e.g. {key}=...")
+    if cfg.data.name == "image_folder" and not cfg.data.root:
+        raise ConfigError("data.root is required for data=image_folder: data.root=/path/to/class/folders")
+    for key, (test, allowed) in RULES.items():
+        node = OmegaConf.select(cfg, key, default=_ABSENT)
+        if node is _ABSENT:
+            continue
+        value = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
+        if not _passes(test, value):
+            raise ConfigError(f"{key}={_show(value)} is invalid: must be {allowed}")
+    if cfg.schedule.name == "cosine" and cfg.schedule.eta_min >= cfg.lr:
+        raise ConfigError(f"schedule.eta_min={cfg.schedule.eta_min} is invalid: must be < lr ({cfg.lr})")
+
+
+_ABSENT = object()
+
+
+def _check_known_keys(node, schema, prefix=""):
+    """Refuse keys the schemas do not have: ``+key=value`` on the command line can add them."""
+    fields = {f.name: f.type for f in dataclasses.fields(schema)}
+    for key in node:
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown key {name}: valid keys{' in ' + prefix[:-1] if prefix else ''} are "
+                              f"{', '.join(fields)}")
+        child_type = OmegaConf.get_type(node, key)
+        if dataclasses.is_dataclass(child_type):
+            _check_known_keys(node[key], child_type, f"{name}.")
+
+
+def _passes(test, value):
+    try:
+        ok = test(value)
+    except TypeError:
+        return False
+    if isinstance(value, float) and math.isnan(value):
+        return False
+    return bool(ok)
+
+
+def _show(value):
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, (list, tuple)) else str(value)
+
+
+def options(cfg, *skip):
+    """A group node as plain keyword arguments, without ``name`` and the keys in ``skip``."""
+    out = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for key in ("name", *skip):
+        out.pop(key, None)
+    return out

@@ -1,0 +1,118 @@
+"""The runs table of a sweep: one row per run folder, the swept keys, then the summary metrics.
+
+``collect(sweep_dir)`` only reads run folders (``<sweep_dir>/<job>/.hydra/overrides.yaml`` and
+``summary.json``), so it is safe to re-run at any time: ``numexp collect SWEEP_DIR`` rebuilds
+``runs.csv`` for a sweep that crashed, is still running, or was copied back from elsewhere.
+After a multirun, :class:`numexp.callbacks.CollectRuns` calls it.
+"""
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from numexp.rundir import SUMMARY, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+RUNS_CSV = "runs.csv"
+SUMMARY_COLUMNS = ["val_acc", "test_acc", "best_epoch", "final_test_acc", "epochs_run", "train_seconds",
+                   "status", "error"]
+
+
+def run_dirs(sweep_dir):
+    """Run folders of a sweep (those holding Hydra's ``.hydra/``), in job order."""
+    found = [p for p in Path(sweep_dir).iterdir() if (p / ".hydra").is_dir()]
+    return sorted(found, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+
+
+def parse_overrides(overrides):
+    """``["reg=1e-05", "+experiment=reg_sweep"]`` -> ``{"reg": "1e-05", "experiment": "reg_sweep"}``."""
+    out = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep:
+            out[key.lstrip("+~")] = value
+    return out
+
+
+def read_run(run_dir):
+    """One row: the run's overrides and its summary metrics (status ``incomplete`` without a summary)."""
+    run_dir = Path(run_dir)
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text(encoding="utf-8")) or []
+    summary_path = run_dir / SUMMARY
+    if summary_path.exists():
+        summary = read_json(summary_path)
+    else:
+        summary = {"status": "incomplete", "error": "no summary.json: still running, or killed"}
+    return {"overrides": parse_overrides(overrides), **{k: summary.get(k) for k in SUMMARY_COLUMNS}}
+
+
+def collect(sweep_dir):
+    """The runs table of ``sweep_dir``: job, the overridden keys (those that vary first), metrics,
+    status, error, run_dir (relative to ``sweep_dir``)."""
+    rows, keys = [], {}
+    for run_dir in run_dirs(sweep_dir):
+        row = read_run(run_dir)
+        keys.update(dict.fromkeys(row["overrides"]))
+        rows.append({"job": run_dir.name, **row.pop("overrides"), **row, "run_dir": run_dir.name})
+    table = pd.DataFrame(rows, columns=["job", *keys, *SUMMARY_COLUMNS, "run_dir"])
+    for column in ["job", *keys]:
+        table[column] = _numeric_if_possible(table[column])
+    # keys that vary across runs first: they are what the sweep compares
+    varying = [k for k in keys if table[k].nunique(dropna=False) > 1]
+    fixed = [k for k in keys if k not in varying]
+    return table[["job", *varying, *fixed, *SUMMARY_COLUMNS, "run_dir"]]
+
+
+def write_runs_csv(sweep_dir):
+    """Collect ``sweep_dir`` into ``<sweep_dir>/runs.csv`` (atomically); returns (path, table)."""
+    table = collect(sweep_dir)
+    path = Path(sweep_dir) / RUNS_CSV
+    atomic_write_text(path, table.to_csv(index=False))
+    return path, table
+
+
+def report(table, path):
+    """Log the sweep's outcome: counts, the best run, each failed run with its reason.
+
+    Returns:
+        the rows of runs that did not complete.
+    """
+    bad = table[table["status"] != "completed"]
+    log.info("%d runs: %d completed, %d failed, diverged or incomplete; runs table: %s",
+             len(table), len(table) - len(bad), len(bad), path)
+    done = table[table["status"] == "completed"].dropna(subset=["val_acc"])
+    if len(done):
+        best = done.sort_values("val_acc", ascending=False, kind="stable").iloc[0]
+        log.info("best by val_acc: job %s (%s) val %.4f test %.4f", best["job"], _describe(best, table),
+                 best["val_acc"], best["test_acc"])
+    for _, row in bad.iterrows():
+        log.error("job %s (%s) %s: %s", row["job"], _describe(row, table), row["status"], row["error"])
+    return bad
+
+
+def main(argv):
+    """``numexp collect SWEEP_DIR``: rebuild runs.csv, print it; exit code 1 if a run did not complete."""
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: numexp collect SWEEP_DIR  (a multirun folder holding one folder per run)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path, table = write_runs_csv(argv[0])
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(table.drop(columns=["error", "run_dir"]).to_string(index=False))
+    return 1 if len(report(table, path)) else 0
+
+
+def _describe(row, table):
+    """The run's swept keys as ``key=value`` text."""
+    keys = [c for c in table.columns if c not in ("job", "run_dir", *SUMMARY_COLUMNS)]
+    return " ".join(f"{k}={row[k]}" for k in keys if not pd.isna(row[k]))
+
+
+def _numeric_if_possible(column):
+    try:
+        return pd.to_numeric(column)
+    except (ValueError, TypeError):
+        return column

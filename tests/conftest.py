@@ -1,0 +1,47 @@
+"""Shared fixtures: composing the shipped config in-process, running the CLI, the shared data."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from numexp import config
+
+REPO = Path(__file__).resolve().parents[1]
+# a tiny digits run: a fraction of a second
+TINY = ["model=mlp", "model.hidden=[32]", "optim=adam", "schedule=fixed", "lr=3e-3", "epochs=2"]
+
+
+@pytest.fixture
+def compose_cfg():
+    """``compose_cfg(overrides, hydra=False)``: the config ``python -m numexp OVERRIDES`` would run."""
+    config.register()
+
+    def _compose(overrides=(), hydra=False):
+        with initialize_config_module(config_module="numexp.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+    return _compose
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """``run_cli(*args)``: ``python -m numexp ARGS`` in ``tmp_path`` (its results/ land there)."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+
+    def _run(*args, timeout=300):
+        return subprocess.run([sys.executable, "-m", "numexp", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return _run
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real data root: ``$NUMEXP_DATA_ROOT``, else ``../shared/data`` next to the repository."""
+    root = Path(os.environ.get("NUMEXP_DATA_ROOT") or REPO.parent / "shared" / "data")
+    if not root.is_dir():
+        pytest.skip(f"no shared data at {root} (set NUMEXP_DATA_ROOT)")
+    return root
