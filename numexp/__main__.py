@@ -1,12 +1,25 @@
 """Command line: ``numexp [OVERRIDES]`` / ``python -m numexp [OVERRIDES]`` trains through Hydra
-(``-m`` sweeps); ``numexp collect SWEEP_DIR`` rebuilds a sweep's runs.csv."""
+(``-m`` sweeps); ``numexp collect SWEEP_DIR`` rebuilds a sweep's runs.csv; ``numexp runs`` and
+``numexp report`` are ``python -m numexp.runs`` and ``python -m numexp.report``."""
 import sys
 
 import hydra
 
 from numexp import config, sweep, trainer
 
-COMMANDS = {"collect": sweep.main}
+
+
+def _runs(argv):
+    from numexp import runs  # pandas/matplotlib stay out of a training run's start-up
+    return runs.main(argv)
+
+
+def _report(argv):
+    from numexp import report
+    return report.main(argv)
+
+
+COMMANDS = {"collect": sweep.main, "runs": _runs, "report": _report}
 
 
 def main():

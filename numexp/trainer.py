@@ -109,6 +109,7 @@ class Trainer:
         self.ds = data.load(cfg.data.name, **config.options(cfg.data))
         init_seq, batch_seq = np.random.SeedSequence(int(cfg.seed)).spawn(2)
         self.model = build_model(cfg, self.ds, np.random.default_rng(init_seq))
+        self.model.set_input_grad(False)  # nobody needs the gradient of the images
         self.batch_rng = np.random.default_rng(batch_seq)
         self.loss_fn, self.opt, self.schedule, self.augment = build_components(cfg, self.model)
         self.best = Best()
