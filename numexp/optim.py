@@ -26,7 +26,7 @@ class Optimizer:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.weight_decay, self.reg = weight_decay, reg
         self.state = {}
-        self._scratch = {}  # per-parameter temporaries reused across steps, not optimizer state
+        self._scratch = {}  # cache-sized temporaries reused across steps (by dtype), not optimizer state
         self.steps = 0
 
     @property
@@ -81,12 +81,7 @@ class SGD(Optimizer):
                 buf *= self.momentum
                 buf += (1 - self.dampening) * g
             g = g + self.momentum * buf if self.nesterov else buf
-        # a reused scratch array: a fresh 50 MB temporary per step costs more than the update itself
-        scratch = self._scratch.get(name)
-        if scratch is None:
-            scratch = self._scratch[name] = np.empty_like(p)
-        np.multiply(g, self.lr, out=scratch)
-        p -= scratch
+        _axpy(p, -self.lr, g, self._scratch)
 
 
 class Adagrad(Optimizer):
@@ -169,6 +164,29 @@ class Adam(Optimizer):
         # math.sqrt keeps a Python float: a np.float64 scalar would upcast float32 arrays
         denom = np.sqrt(v) / math.sqrt(1 - b2 ** t) + self.eps
         p -= (self.lr / (1 - b1 ** t)) * m / denom
+
+
+CHUNK = 1 << 18  # elements: 1 MB of float32, small enough to stay in cache between the two passes
+
+
+def _axpy(p, alpha, g, scratch):
+    """``p += alpha * g`` in place, chunk by chunk through a cache-sized scratch array.
+
+    Done whole, FC1's 12.6M weights would make ``alpha * g`` a 50 MB temporary that is written
+    and read back from memory; per chunk it never leaves the cache.
+    """
+    if p.size <= CHUNK or not (p.flags.c_contiguous and g.flags.c_contiguous):
+        p += alpha * g
+        return
+    buf = scratch.get(p.dtype)
+    if buf is None:
+        buf = scratch[p.dtype] = np.empty(CHUNK, dtype=p.dtype)
+    flat_p, flat_g = p.reshape(-1), g.reshape(-1)
+    for start in range(0, flat_p.size, CHUNK):
+        stop = min(start + CHUNK, flat_p.size)
+        part = buf[:stop - start]
+        np.multiply(flat_g[start:stop], alpha, out=part)
+        flat_p[start:stop] += part
 
 
 OPTIMIZERS = {
