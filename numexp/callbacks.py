@@ -1,7 +1,53 @@
-"""Hydra callbacks, registered in ``conf/config.yaml`` under ``hydra.callbacks``."""
+"""Hydra callbacks, registered in ``conf/config.yaml`` under ``hydra.callbacks``.
+
+Hydra turns an exception raised in a callback into a warning and carries on, so a callback
+that must stop the command raises ``SystemExit``.
+"""
+import re
+import sys
+
 from hydra.experimental.callback import Callback
 
-from numexp import sweep
+from numexp import config as numexp_config
+from numexp import rundir, sweep
+
+
+# the folder of the multirun this process is running (set when it starts)
+active_sweep_dir = None
+
+
+class CheckBeforeStart(Callback):
+    """Refuse a run before Hydra creates or writes into its folder.
+
+    Single run: the config values (:func:`numexp.config.validate`), whether the model fits the
+    input shape (when known without reading the data), and the run folder: a non-empty one
+    needs ``resume=true`` and must hold a run of the same config. Multirun: the sweep folder
+    (a non-empty one needs ``resume=true`` and the same command); each job validates its own
+    values, so one bad value fails one run, not the sweep.
+    A refusal is one line on stderr and exit code 2.
+    """
+
+    def on_run_start(self, config, **kwargs):
+        task = numexp_config.task_config(config)
+        try:
+            numexp_config.validate(task)
+            numexp_config.check_model_fits(task)
+            rundir.check_run_folder(config.hydra.run.dir, resume=task.resume,
+                                    config_hash=numexp_config.config_hash(task),
+                                    identity=numexp_config.identity(task))
+        except (numexp_config.ConfigError, rundir.RunDirError) as e:
+            exit_with_user_error(e)
+
+    def on_multirun_start(self, config, **kwargs):
+        global active_sweep_dir
+        active_sweep_dir = config.hydra.sweep.dir
+        try:
+            sweep.check_sweep_folder(config)
+        except rundir.RunDirError as e:
+            exit_with_user_error(e)
+        except Exception as e:  # fail closed: Hydra would go on and overwrite the jobs' .hydra/ folders
+            exit_with_user_error(rundir.RunDirError(f"cannot check the sweep folder {config.hydra.sweep.dir} "
+                                                    f"({type(e).__name__}: {e})"))
 
 
 class CollectRuns(Callback):
@@ -15,3 +61,25 @@ class CollectRuns(Callback):
         path, table = sweep.write_runs_csv(config.hydra.sweep.dir)
         if len(sweep.report(table, path)):
             raise SystemExit(1)
+
+
+
+def exit_with_user_error(error):
+    """A mistake in the command line or the output folder: one line on stderr, exit code 2."""
+    print(f"numexp: error: {numexp_config.error_line(error)}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def exit_after_worker_death(error):
+    """A job's worker process died (SIGKILL, the out-of-memory killer, a crash) and joblib stopped the
+    sweep: write runs.csv of what there is, name the runs that did not complete, exit 1 saying how
+    to continue. Outside a multirun, ``error`` is raised again."""
+    if active_sweep_dir is None:
+        raise error
+    path, table = sweep.write_runs_csv(active_sweep_dir)
+    sweep.report(table, path)
+    codes = re.search(r"exit codes of the workers are \{(.*?)\}", str(error))
+    print(f"numexp: error: a worker process died{f' ({codes[1]})' if codes else ''}, which stops the whole "
+          f"sweep; completed runs are kept: run the same command with resume=true to continue the others",
+          file=sys.stderr)
+    raise SystemExit(1)

@@ -10,15 +10,22 @@ Keys are the keyword arguments of the component they configure (``models.build``
 ``optim.build``, ``data.load``, the schedule classes), so config keys = constructor args =
 runs-table columns.
 """
+import copy
 import dataclasses
+import hashlib
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from hydra.errors import MissingConfigException
+from omegaconf import MISSING, OmegaConf, open_dict, read_write
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from numexp import models
 from numexp.data.batching import AUGMENTERS
 
 
@@ -251,6 +258,9 @@ class Config:
     patience: int = MISSING
     # batch size for evaluation (memory only, no effect on results)
     eval_batch_size: int = MISSING
+    # continue the run (or sweep) in an existing output folder: finished runs are skipped,
+    # unfinished ones go on from their last epoch checkpoint (last.npz)
+    resume: bool = False
 
 
 SCHEMAS = {
@@ -341,7 +351,8 @@ RULES = {
 def validate(cfg):
     """Check the values of a composed config; raise :class:`ConfigError` naming the first bad key.
 
-    Types and unknown keys are already checked by the schemas when Hydra composes.
+    Types and unknown keys are already checked by the schemas when Hydra composes; keys added
+    with ``+key=...`` or removed with ``~key`` are caught here.
     """
     _check_known_keys(cfg, Config)
     missing = OmegaConf.missing_keys(cfg)
@@ -365,7 +376,8 @@ _ABSENT = object()
 
 
 def _check_known_keys(node, schema, prefix=""):
-    """Refuse keys the schemas do not have: ``+key=value`` on the command line can add them."""
+    """Refuse keys the schemas do not have (``+key=value`` can add them) and schema keys that
+    are gone (``~key`` removes them)."""
     fields = {f.name: f.type for f in dataclasses.fields(schema)}
     for key in node:
         name = f"{prefix}{key}"
@@ -375,6 +387,9 @@ def _check_known_keys(node, schema, prefix=""):
         child_type = OmegaConf.get_type(node, key)
         if dataclasses.is_dataclass(child_type):
             _check_known_keys(node[key], child_type, f"{name}.")
+    for key in fields:
+        if key not in node:
+            raise ConfigError(f"{prefix}{key} is required: do not remove it (~{prefix}{key})")
 
 
 def _passes(test, value):
@@ -389,6 +404,114 @@ def _passes(test, value):
 
 def _show(value):
     return "[" + ",".join(map(str, value)) + "]" if isinstance(value, (list, tuple)) else str(value)
+
+
+def task_config(cfg):
+    """The run's own config: ``cfg`` without Hydra's ``hydra`` node (a copy when it has one)."""
+    if "hydra" not in cfg:
+        return cfg
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
+
+
+# --------------------------------------------------------------------------- identity
+
+# Keys that control how a run is executed, not what it computes: left out of its identity, so
+# `resume=true` continues a run that was started without it.
+NOT_IDENTITY = ("resume",)
+
+
+def identity(cfg):
+    """The resolved config that defines what a run computes (everything but :data:`NOT_IDENTITY`)."""
+    out = OmegaConf.to_container(task_config(cfg), resolve=True, enum_to_str=True)
+    for key in NOT_IDENTITY:
+        out.pop(key, None)
+    return out
+
+
+def config_hash(cfg):
+    """16 hex digits identifying :func:`identity`: equal hashes = the same run (same seed included)."""
+    text = json.dumps(identity(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- model fit, before any data is read
+
+# (channels, native side) of the data sets whose input shape is known without reading them
+_NATIVE = {"digits": (1, 8), "mnist": (1, 28), "cifar10": (3, 32), "gtsrb": (3, None)}
+
+
+def expected_in_shape(data_cfg):
+    """The (C, H, W) the loader will produce, or None when only the files can tell (native sizes)."""
+    if data_cfg.name == "image_folder":
+        channels, native = int(data_cfg.channels), None
+    elif data_cfg.name in _NATIVE:
+        channels, native = _NATIVE[data_cfg.name]
+    else:
+        return None
+    side = data_cfg.get("size") or native
+    return None if side is None else (channels, int(side), int(side))
+
+
+def model_misfit(cfg, in_shape, error):
+    """The :class:`ConfigError` for a model that cannot take ``in_shape``."""
+    return ConfigError(f"model={cfg.model.name} does not fit data={cfg.data.name} (input {tuple(in_shape)}): "
+                       f"{error}. Pick another model or data.size")
+
+
+def check_model_fits(cfg):
+    """Build the model for the input shape the data set will have (when known without reading it).
+
+    Raises:
+        ConfigError: the model cannot take that input (e.g. LeNet-5 on 8x8 digits).
+    """
+    in_shape = expected_in_shape(cfg.data)
+    if in_shape is None:
+        return
+    try:
+        models.build(cfg.model.name, in_shape=in_shape, num_classes=2, **options(cfg.model))
+    except models.ModelError as e:
+        raise model_misfit(cfg, in_shape, e) from None
+
+
+# --------------------------------------------------------------------------- composition errors in one line
+
+_TYPE_WORDS = {"Float": "a number", "Integer": "an integer", "Boolean": "true or false", "String": "a string"}
+
+
+def error_line(error):
+    """A one-line message for a configuration error raised by Hydra, OmegaConf or numexp.
+
+    Hydra's own messages span several lines (and list options one per line); this keeps the key,
+    the value and what is allowed.
+    """
+    if isinstance(error, MissingConfigException) and error.options is not None and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        return f"{group}={option} is not an option: {group} is one of {', '.join(error.options)}"
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+        key = cause.full_key
+        reason = str(cause.msg).splitlines()[0]
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+            schema = cause.object_type
+            if dataclasses.is_dataclass(schema):
+                parent = key.rpartition(".")[0]
+                names = ", ".join(f.name for f in dataclasses.fields(schema))
+                return f"unknown key {key}: valid keys{' in ' + parent if parent else ''} are {names}"
+            return f"unknown key {key}"
+        value = str(error).partition("override ")[2].partition("=")[2] or cause.value
+        converted = re.search(r"could not be converted to (\w+)", reason)
+        if converted:
+            return f"{key}={value} is invalid: must be {_TYPE_WORDS.get(converted[1], converted[1])}"
+        expected = re.search(r"expected one of (\[.*\])", reason)
+        if expected:
+            return f"{key}={value} is invalid: must be one of {expected[1]}"
+        if "is not Optional" in reason:
+            return f"{key} cannot be null"
+        return f"{key}={value}: {reason}"
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def options(cfg, *skip):

@@ -634,33 +634,8 @@ class Report:
                 f"![Confusion matrix]({fig_path.name})\n\nMost frequent confusions:\n\n{table}")
 
     def confusion_figure(self, matrix, names, run_dir):
-        k = len(matrix)
-        share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-        side = max(5.0, 0.28 * k + 3.0)
-        fig = Figure(figsize=(side + 1.2, side))
-        ax = fig.subplots()
-        positive = share[share > 0]
-        # the floor sits below the smallest share, so a single error still shows as a tint
-        norm = mcolors.LogNorm(vmin=max(float(positive.min()) / 3, 1e-4) if len(positive) else 1e-4, vmax=1.0)
-        image = ax.imshow(np.ma.masked_equal(share, 0), cmap="Blues", norm=norm, interpolation="nearest")
-        ax.grid(False)
-        labels = [_class_label(i, n, 28) for i, n in enumerate(names)]
-        small = 6 if k > 20 else 8
-        ax.set_xticks(range(k), labels, rotation=90, fontsize=small)
-        ax.set_yticks(range(k), labels, fontsize=small)
-        ax.set_xlabel("predicted class")
-        ax.set_ylabel("true class")
-        if k <= 15:
-            for t in range(k):
-                for p in range(k):
-                    if matrix[t, p]:
-                        ax.text(p, t, str(int(matrix[t, p])), ha="center", va="center", fontsize=7,
-                                color="white" if share[t, p] > 0.5 else "black")
-        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02,
-                     label="share of the true class (log scale; white = 0)")
-        ax.set_title(f"{self.name}: confusion matrix of the best run on the test set\n{run_dir}")
-        fig.tight_layout()
-        return self._save_figure(fig, "confusion.png")
+        title = f"{self.name}: confusion matrix of the best run on the test set\n{run_dir}"
+        return self._save_figure(confusion_figure(matrix, names, title), "confusion.png")
 
     # ---- runs
 
@@ -836,12 +811,7 @@ class Report:
         return bool(per_panel.value_counts().max() <= MAX_BANDS)
 
     def _save_figure(self, fig, name):
-        path = self.out / name
-        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-        # Agg explicitly, no pyplot: headless, and no figure outlives its report
-        FigureCanvasAgg(fig)
-        fig.savefig(tmp, format="png", metadata=PNG_METADATA)
-        os.replace(tmp, path)
+        path = save_figure(fig, self.out / name)
         self.written.append(path)
         return path
 
@@ -854,6 +824,50 @@ class Report:
 
 
 # --------------------------------------------------------------------------- confusion matrix
+
+def save_figure(fig, path):
+    """Write ``fig`` as a PNG without software version or date (identical bytes when regenerated),
+    through a temporary file and a rename; returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Agg explicitly, no pyplot: headless, and no figure outlives its report
+    FigureCanvasAgg(fig)
+    fig.savefig(tmp, format="png", metadata=PNG_METADATA)
+    os.replace(tmp, path)
+    return path
+
+
+def confusion_figure(matrix, names, title):
+    """The confusion matrix as a figure: shares of each true class (rows) on a log colour scale,
+    class names on both axes, counts written in the cells when there are at most 15 classes."""
+    k = len(matrix)
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    side = max(5.0, 0.28 * k + 3.0)
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.subplots()
+    positive = share[share > 0]
+    # the floor sits below the smallest share, so a single error still shows as a tint
+    norm = mcolors.LogNorm(vmin=max(float(positive.min()) / 3, 1e-4) if len(positive) else 1e-4, vmax=1.0)
+    image = ax.imshow(np.ma.masked_equal(share, 0), cmap="Blues", norm=norm, interpolation="nearest")
+    ax.grid(False)
+    labels = [_class_label(i, n, 28) for i, n in enumerate(names)]
+    small = 6 if k > 20 else 8
+    ax.set_xticks(range(k), labels, rotation=90, fontsize=small)
+    ax.set_yticks(range(k), labels, fontsize=small)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if k <= 15:
+        for t in range(k):
+            for p in range(k):
+                if matrix[t, p]:
+                    ax.text(p, t, str(int(matrix[t, p])), ha="center", va="center", fontsize=7,
+                            color="white" if share[t, p] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02,
+                 label="share of the true class (log scale; white = 0)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
 
 def confusion_matrix(run_dir):
     """(K x K int64 counts, rows true / columns predicted, on the run's test set; where it came from).
@@ -872,41 +886,33 @@ def confusion_matrix(run_dir):
                           f"report where the run's checkpoint is")
     # imported here: only this step needs the engine, Hydra's config objects and the data loaders
     from omegaconf import OmegaConf
-    from threadpoolctl import threadpool_limits
 
-    from numexp import config, data, nn
-    from numexp.trainer import build_model
+    from numexp import config, data
+    from numexp.predict import RunError, batch_scores, build_checkpoint_model
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     try:
         ds = data.load(cfg.data.name, **config.options(cfg.data))
     except data.DataError as e:
         raise ReportError(f"the test data could not be loaded ({e})") from None
+    try:
+        model = build_checkpoint_model(cfg, checkpoint, ds.in_shape, ds.num_classes)
+    except RunError as e:
+        raise ReportError(str(e)) from None
     # one BLAS thread: the same sums in the same order, so the same predictions every time
-    with threadpool_limits(limits=1):
-        model = build_model(cfg, ds, np.random.default_rng(0))
-        model.load_state_dict(nn.load_npz(checkpoint))
-        model.eval()
-        size = int(cfg.get("eval_batch_size", 1000))
-        pred = np.concatenate([model(ds.x_test[i:i + size]).argmax(axis=1) for i in range(0, len(ds.y_test), size)]
-                              or [np.zeros(0, dtype=np.int64)])
+    scores = batch_scores(model, ds.x_test, int(cfg.get("eval_batch_size", 1000)), threads=1)
+    pred = scores.argmax(axis=1) if len(scores) else np.zeros(0, dtype=np.int64)
     k = ds.num_classes
     matrix = np.bincount(ds.y_test * k + pred, minlength=k * k).reshape(k, k).astype(np.int64)
     return matrix, f"`{checkpoint.as_posix()}` and the `{cfg.data.name}` test set"
 
 
 def class_names(summary, k):
-    """The run's class names (summary.json data.class_names; GTSRB's from numexp/data), else indices."""
-    names = ((summary or {}).get("data") or {}).get("class_names")
-    if names and len(names) == k:
-        return [str(n) for n in names]
-    dataset = ((summary or {}).get("data") or {}).get("dataset")
-    if dataset == "gtsrb":
-        from numexp.data.base import read_class_names
-        names = read_class_names("gtsrb_names.txt")
-        if len(names) == k:
-            return list(names)
-    return [str(i) for i in range(k)]
+    """The run's class names (summary.json data.class_names, else the list shipped for its data set), else
+    indices: :func:`numexp.predict.class_names`."""
+    from numexp.predict import class_names as run_class_names
+
+    return run_class_names(summary, k)
 
 
 def _top_confusions(matrix, n):

@@ -38,7 +38,7 @@ METRIC_COLUMNS = ["val_acc", "test_acc", "best_epoch", "final_val_acc", "final_t
 TAIL_COLUMNS = ["error"]
 RESERVED = set(ID_COLUMNS) | set(METRIC_COLUMNS) | set(TAIL_COLUMNS)
 # config keys that never change a run's result: a configuration is the other keys
-NON_RESULT_KEYS = ("threads", "eval_batch_size", "data.root", "data.cache_dir", "data.use_cache")
+NON_RESULT_KEYS = ("threads", "resume", "eval_batch_size", "data.root", "data.cache_dir", "data.use_cache")
 
 
 class RunsError(Exception):

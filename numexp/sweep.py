@@ -9,14 +9,16 @@ import logging
 import sys
 from pathlib import Path
 
-import pandas as pd
 import yaml
+from omegaconf import OmegaConf
 
-from numexp.rundir import SUMMARY, atomic_write_text, read_json
+from numexp import config
+from numexp.rundir import SUMMARY, RunDirError, atomic_write_text, first_difference, read_json
 
 log = logging.getLogger(__name__)
 
 RUNS_CSV = "runs.csv"
+MULTIRUN_YAML = "multirun.yaml"  # Hydra's record of the sweep's composed config and command
 SUMMARY_COLUMNS = ["val_acc", "test_acc", "best_epoch", "final_test_acc", "epochs_run", "train_seconds",
                    "status", "error"]
 
@@ -28,12 +30,16 @@ def run_dirs(sweep_dir):
 
 
 def parse_overrides(overrides):
-    """``["reg=1e-05", "+experiment=reg_sweep"]`` -> ``{"reg": "1e-05", "experiment": "reg_sweep"}``."""
+    """``["reg=1e-05", "+experiment=reg_sweep"]`` -> ``{"reg": "1e-05", "experiment": "reg_sweep"}``.
+
+    Keys that only control execution (``resume``) are left out: they are not runs-table columns.
+    """
     out = {}
     for item in overrides:
         key, sep, value = item.partition("=")
-        if sep:
-            out[key.lstrip("+~")] = value
+        key = key.lstrip("+~")
+        if sep and key not in config.NOT_IDENTITY:
+            out[key] = value
     return out
 
 
@@ -57,6 +63,8 @@ def collect(sweep_dir):
         row = read_run(run_dir)
         keys.update(dict.fromkeys(row["overrides"]))
         rows.append({"job": run_dir.name, **row.pop("overrides"), **row, "run_dir": run_dir.name})
+    import pandas as pd  # here, not at the top: a training run's start-up does without pandas
+
     table = pd.DataFrame(rows, columns=["job", *keys, *SUMMARY_COLUMNS, "run_dir"])
     for column in ["job", *keys]:
         table[column] = _numeric_if_possible(table[column])
@@ -93,6 +101,49 @@ def report(table, path):
     return bad
 
 
+def check_sweep_folder(cfg):
+    """Before a multirun writes into ``hydra.sweep.dir``: may it use that folder?
+
+    A missing or empty folder (or one holding only ``multirun.yaml``) is fine. Any other needs
+    ``resume=true`` and must come from the same command (the overrides, the grid and the
+    composed config in its ``multirun.yaml`` equal this one's, ``resume`` aside): then every job
+    lands in its earlier folder, where a completed run is skipped and an unfinished one
+    continues from its checkpoint.
+
+    Raises:
+        RunDirError: the message names the folder, the first difference and what to do.
+    """
+    sweep_dir = Path(cfg.hydra.sweep.dir)
+    # only Hydra's multirun.yaml: a sweep whose composition failed, or killed before its first job
+    if not sweep_dir.is_dir() or not any(p.name != MULTIRUN_YAML for p in sweep_dir.iterdir()):
+        return
+    if not cfg.get("resume", False):
+        raise RunDirError(f"sweep folder {sweep_dir} is not empty: add resume=true to continue that sweep "
+                          f"(completed runs are skipped), or choose another folder (hydra.sweep.dir=...)")
+    saved = sweep_dir / MULTIRUN_YAML
+    if not saved.is_file():
+        raise RunDirError(f"sweep folder {sweep_dir} holds no {MULTIRUN_YAML}: it is not a numexp sweep, "
+                          f"there is nothing to resume; choose another folder")
+    difference = first_difference(_sweep_identity(OmegaConf.load(saved)), _sweep_identity(cfg))
+    if difference:
+        raise RunDirError(f"sweep folder {sweep_dir} was started by another command ({difference}): "
+                          f"resume=true needs the same overrides and config; choose another folder")
+
+
+def _sweep_identity(cfg):
+    """What fixes a sweep's jobs and their numbering: overrides (in order), grid, subdir, base config."""
+    overrides = [o for o in cfg.hydra.overrides.task if o.partition("=")[0].lstrip("+~") not in config.NOT_IDENTITY]
+    base = OmegaConf.to_container(config.task_config(cfg), resolve=False, enum_to_str=True)
+    for key in config.NOT_IDENTITY:
+        base.pop(key, None)
+    params = cfg.hydra.sweeper.get("params")
+    return {"overrides": list(overrides),
+            "hydra.sweeper.params": None if params is None else OmegaConf.to_container(params),
+            # unresolved: it interpolates ${hydra.job.num}, which only a job has
+            "hydra.sweep.subdir": OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"],
+            **base}
+
+
 def main(argv):
     """``numexp collect SWEEP_DIR``: rebuild runs.csv, print it; exit code 1 if a run did not complete."""
     if len(argv) != 1 or not Path(argv[0]).is_dir():
@@ -100,6 +151,8 @@ def main(argv):
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path, table = write_runs_csv(argv[0])
+    import pandas as pd
+
     with pd.option_context("display.max_columns", None, "display.width", 200):
         print(table.drop(columns=["error", "run_dir"]).to_string(index=False))
     return 1 if len(report(table, path)) else 0
@@ -108,11 +161,15 @@ def main(argv):
 def _describe(row, table):
     """The run's swept keys as ``key=value`` text."""
     keys = [c for c in table.columns if c not in ("job", "run_dir", *SUMMARY_COLUMNS)]
+    import pandas as pd
+
     return " ".join(f"{k}={row[k]}" for k in keys if not pd.isna(row[k]))
 
 
 def _numeric_if_possible(column):
     try:
+        import pandas as pd
+
         return pd.to_numeric(column)
     except (ValueError, TypeError):
         return column

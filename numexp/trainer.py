@@ -4,29 +4,49 @@ trains epoch by epoch and writes the run folder (see :mod:`numexp.rundir`).
 Randomness: ``seed`` is split with ``np.random.SeedSequence`` into independent streams for
 weight init (and dropout masks) and for batch order / augmentation; nothing uses numpy's
 global state, so the same config gives bit-identical metrics on the same machine.
+
+Resume: after every epoch the run saves ``last.npz`` (model, optimizer state, the best model,
+generator states, metrics so far); ``resume=true`` continues from it, and because every piece
+of state is restored exactly the resumed run writes the same metrics as an uninterrupted one.
 """
 import logging
 import math
+import os
+import platform
+import signal
+import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from numexp import config, data, losses, models, optim, schedules
-from numexp.rundir import CHECKPOINT, RunDir
+from numexp import config, data, losses, models, nn, optim, schedules
+from numexp.rundir import CHECKPOINT, RunDir, RunDirError, check_same_run
+from numexp.summary import layer_summary
 
 log = logging.getLogger(__name__)
 
 
 RESULT_KEYS = ["best_epoch", "val_acc", "test_acc", "final_val_acc", "final_test_acc", "epochs_run",
                "stopped_early"]
+# Test-only fault injection: NUMEXP_INJECT_FAULT="[kill:]EPOCH:STEP[@OVERRIDE]" raises InjectedFault at
+# that training step (1-based) in runs whose command-line overrides include OVERRIDE (every run
+# without one); with "kill:" the process SIGKILLs itself instead, like the out-of-memory killer.
+# The reliability tests use it to make one job of a sweep fail for real.
+FAULT_ENV = "NUMEXP_INJECT_FAULT"
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose through ``$NUMEXP_INJECT_FAULT`` (tests only)."""
 
 
 @dataclass
@@ -36,6 +56,8 @@ class Best:
     val_acc: float = -math.inf
     test_acc: float = math.nan
     state: dict = field(default=None, repr=False)
+    # test-set confusion counts of this model (K x K, rows true class)
+    confusion: np.ndarray = field(default=None, repr=False)
 
 
 def train(cfg, out_dir=None):
@@ -45,33 +67,54 @@ def train(cfg, out_dir=None):
     ``status`` ``failed`` or ``diverged`` and an ``error`` message; the traceback of an
     unexpected error is logged. Only an interrupt (Ctrl-C) propagates, after being recorded.
 
+    With ``cfg.resume`` a completed run of the same config is returned as it is, and an
+    unfinished one continues from its ``last.npz``.
+
     Returns:
         summary: dict with status, best_epoch, val_acc and test_acc of the best-by-val model,
-        final_val_acc, final_test_acc, train_seconds (the epoch loop), wall_seconds (with data
-        loading), seed, threads, overrides, data info (incl. normalisation mean/std), ...
+        final_val_acc, final_test_acc, train_seconds (the epoch loop, summed over resumed
+        sessions), wall_seconds (this session, with data loading), seed, threads, overrides,
+        config_hash, machine, data info (incl. normalisation mean/std), ...
+
+    Raises:
+        RunDirError: the folder already holds run files and ``resume`` is off, or it holds a run
+            of another config. Nothing is written then.
     """
     run = RunDir(out_dir if out_dir is not None else HydraConfig.get().runtime.output_dir)
+    resume = bool(cfg.get("resume", False))
+    run_hash = config.config_hash(cfg)
+    if resume:
+        check_same_run(run.path, run_hash, config.identity(cfg))
+        done = run.read_summary()
+        if done is not None and done.get("status") == "completed":
+            run.remove_state()  # a kill between the summary and this removal leaves it behind
+            log.info("already completed (config %s): nothing to do -> %s", run_hash, run.path)
+            return done
+        run.remove_temp_files()
+    elif run.run_files():
+        raise RunDirError(f"run folder {run.path} already holds {', '.join(run.run_files())}: add resume=true "
+                          f"to continue that run, or choose another folder")
     # keys in reading order; the metrics are filled in as the run goes
     summary = {"status": "running", "error": None, **dict.fromkeys(RESULT_KEYS), "train_seconds": None,
                "wall_seconds": None, "seed": int(cfg.seed), "threads": int(cfg.threads), "blas": None,
-               "overrides": _overrides()}
+               "overrides": _overrides(), "config_hash": run_hash, "resumed_from_epochs": [],
+               "machine": machine_info()}
     start = time.perf_counter()
     trainer = None
     try:
         config.validate(cfg)
         with threadpool_limits(limits=int(cfg.threads)):
             summary["blas"] = _blas_threads()
-            trainer = Trainer(cfg, run)
+            trainer = Trainer(cfg, run, run_hash)
             summary.update(trainer.describe())
-            fit_start = time.perf_counter()
-            try:
-                trainer.fit()
-            finally:
-                summary["train_seconds"] = round(time.perf_counter() - fit_start, 3)
+            if resume:
+                trainer.restore()
+            summary["resumed_from_epochs"] = trainer.resumed_from
+            trainer.fit()
         summary["status"] = "completed"
     except Diverged as e:
         _fail(summary, "diverged", str(e))
-    except (config.ConfigError, data.DataError) as e:
+    except (config.ConfigError, data.DataError, nn.CheckpointError) as e:
         _fail(summary, "failed", str(e))
     except Exception as e:
         log.exception("run failed")  # an unexpected error: keep the traceback in the run's log
@@ -84,6 +127,8 @@ def train(cfg, out_dir=None):
             summary.update(trainer.results())
         summary["wall_seconds"] = round(time.perf_counter() - start, 3)
         run.write_summary(summary)
+    if summary["status"] == "completed":
+        run.remove_state()  # after the summary: the run is recorded as complete before its state goes
     _log_summary(summary, run.path)
     return summary
 
@@ -95,6 +140,7 @@ def task(cfg):
     ``on_multirun_end`` (where ``runs.csv`` is written) once any job raised; the
     :class:`numexp.callbacks.CollectRuns` callback sets the exit code instead.
     """
+    _warnings_to_log()
     summary = train(cfg)
     if summary["status"] != "completed" and HydraConfig.get().mode == RunMode.RUN:
         raise SystemExit(1)
@@ -104,19 +150,26 @@ def task(cfg):
 class Trainer:
     """The epoch loop: train, evaluate on val and test, keep the best model, follow the schedule."""
 
-    def __init__(self, cfg, run):
+    def __init__(self, cfg, run, config_hash=None):
         self.cfg, self.run = cfg, run
+        self.config_hash = config_hash if config_hash is not None else config.config_hash(cfg)
         self.ds = data.load(cfg.data.name, **config.options(cfg.data))
         init_seq, batch_seq = np.random.SeedSequence(int(cfg.seed)).spawn(2)
-        self.model = build_model(cfg, self.ds, np.random.default_rng(init_seq))
+        self.init_rng = np.random.default_rng(init_seq)
+        self.model = build_model(cfg, self.ds, self.init_rng)
         self.model.set_input_grad(False)  # nobody needs the gradient of the images
         self.batch_rng = np.random.default_rng(batch_seq)
         self.loss_fn, self.opt, self.schedule, self.augment = build_components(cfg, self.model)
         self.best = Best()
         self.stopped_early = False
+        self.epochs_done = 0
+        self.resumed_from = []
+        self.train_seconds = 0.0  # of earlier sessions, when resumed
+        self.fault = _injected_fault()
         log.info("%r; %s: %s params; %s, %s, lr %g, reg %g, schedule %s, batch %d, %d epochs, seed %d",
                  self.ds, cfg.model.name, f"{self.model.num_params():,}", cfg.optim.name, cfg.loss.name,
                  cfg.lr, cfg.reg, cfg.schedule.name, cfg.batch_size, cfg.epochs, cfg.seed)
+        log.info("%s layers:\n%s", cfg.model.name, layer_summary(self.model))
 
     def describe(self):
         """What the summary records about the model and the data (normalisation included, so the
@@ -126,29 +179,45 @@ class Trainer:
                 "checkpoint": CHECKPOINT}
 
     def fit(self):
-        for epoch in range(int(self.cfg.epochs)):
-            if self.schedule.restores_best(epoch) and self.best.state is not None:
-                self.model.load_state_dict(self.best.state)
-                log.info("restored the best model (epoch %d) before the lr drop", self.best.epoch)
-            self.opt.lr = self.schedule.lr_at(epoch)
-            self.run_epoch(epoch + 1)
-            if self.should_stop(epoch + 1):
-                self.stopped_early = True
-                log.info("early stop: val_acc has not improved for %d epochs", self.cfg.patience)
-                break
+        fit_start = time.perf_counter()
+        try:
+            if self.epochs_done and self.should_stop(self.epochs_done):
+                self.stopped_early = True  # the stop rule fired just before the previous session ended
+                return
+            for epoch in range(self.epochs_done, int(self.cfg.epochs)):
+                if self.schedule.restores_best(epoch) and self.best.state is not None:
+                    self.model.load_state_dict(self.best.state)
+                    log.info("restored the best model (epoch %d) before the lr drop", self.best.epoch)
+                self.opt.lr = self.schedule.lr_at(epoch)
+                self.run_epoch(epoch + 1, fit_start)
+                if self.should_stop(epoch + 1):
+                    self.stopped_early = True
+                    log.info("early stop: val_acc has not improved for %d epochs", self.cfg.patience)
+                    break
+        finally:
+            self.train_seconds += time.perf_counter() - fit_start
 
-    def run_epoch(self, epoch):
-        """Train one epoch (1-based ``epoch``), evaluate, write its metrics row, keep the best model."""
+    def run_epoch(self, epoch, fit_start=None):
+        """Train one epoch (1-based ``epoch``), evaluate, write its metrics row, keep the best model,
+        save the resume state."""
         start = time.perf_counter()
         train_loss, train_acc = self.train_epoch(epoch)
-        val_acc = self.accuracy(self.ds.x_val, self.ds.y_val)
-        test_acc = self.accuracy(self.ds.x_test, self.ds.y_test)
+        val_acc = self.accuracy(self.predict(self.ds.x_val), self.ds.y_val)
+        test_pred = self.predict(self.ds.x_test)
+        test_acc = self.accuracy(test_pred, self.ds.y_test)
         row = {"epoch": epoch, "lr": self.opt.lr, "train_loss": train_loss, "train_acc": train_acc,
                "val_acc": val_acc, "test_acc": test_acc, "seconds": round(time.perf_counter() - start, 3)}
         self.run.add_metrics(row)
+        self.epochs_done = epoch
         if val_acc > self.best.val_acc:
-            self.best = Best(epoch, val_acc, test_acc, self.model.state_dict())
+            k = self.ds.num_classes
+            matrix = np.bincount(self.ds.y_test * k + test_pred, minlength=k * k).reshape(k, k)
+            self.best = Best(epoch, val_acc, test_acc, self.model.state_dict(), matrix.astype(np.int64))
             self.run.save_checkpoint(self.best.state)
+            if len(self.ds.y_test):
+                self.run.save_confusion(self.best.confusion)
+        elapsed = time.perf_counter() - (fit_start if fit_start is not None else start)
+        self.run.save_state(*self.state(self.train_seconds + elapsed))
         log.info("epoch %d/%d  lr %.2e  loss %.4f  train %.4f  val %.4f  test %.4f  %.1fs%s",
                  epoch, self.cfg.epochs, row["lr"], train_loss, train_acc, val_acc, test_acc, row["seconds"],
                  "  *" if self.best.epoch == epoch else "")
@@ -160,6 +229,10 @@ class Trainer:
         batches = data.batches(self.ds.x_train, self.ds.y_train, int(self.cfg.batch_size),
                                rng=self.batch_rng, augment=self.augment)
         for step, (xb, yb) in enumerate(batches, start=1):
+            if self.fault and self.fault[:2] == (epoch, step):
+                if self.fault[2]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise InjectedFault(f"injected fault at epoch {epoch}, step {step} (${FAULT_ENV})")
             # overflow is reported once, as divergence below, instead of as numpy warnings
             with np.errstate(over="ignore", invalid="ignore"):
                 scores = self.model(xb)
@@ -174,15 +247,17 @@ class Trainer:
             seen += len(yb)
         return total_loss / seen, correct / seen
 
-    def accuracy(self, x, y):
-        """Accuracy in eval mode, in batches of ``eval_batch_size``; NaN for an empty split."""
-        if len(y) == 0:
-            return math.nan
+    def predict(self, x):
+        """Predicted classes in eval mode, in batches of ``eval_batch_size``. Shape: (N, ...) -> (N,)."""
         self.model.eval()
         size = int(self.cfg.eval_batch_size)
-        correct = sum(int(np.count_nonzero(self.model(x[i:i + size]).argmax(axis=1) == y[i:i + size]))
-                      for i in range(0, len(y), size))
-        return correct / len(y)
+        parts = [self.model(x[i:i + size]).argmax(axis=1) for i in range(0, len(x), size)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def accuracy(pred, y):
+        """Share of correct predictions; NaN for an empty split."""
+        return int(np.count_nonzero(pred == y)) / len(y) if len(y) else math.nan
 
     def should_stop(self, epoch):
         """The plateau rule: ``patience`` epochs in a row without a better val_acc."""
@@ -195,7 +270,113 @@ class Trainer:
         return {"best_epoch": self.best.epoch or None, "val_acc": _finite(self.best.val_acc),
                 "test_acc": _finite(self.best.test_acc), "final_val_acc": last.get("val_acc"),
                 "final_test_acc": last.get("test_acc"), "epochs_run": len(self.run.metrics),
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early, "train_seconds": round(self.train_seconds, 3)}
+
+    # ---- resume state
+
+    def generators(self):
+        """Every random generator the run draws from: batch order/augmentation, then the model's
+        (init and dropout), in module order."""
+        found = {id(self.batch_rng): self.batch_rng, id(self.init_rng): self.init_rng}
+        for _, module in self.model.named_modules():
+            rng = getattr(module, "rng", None)
+            if isinstance(rng, np.random.Generator):
+                found.setdefault(id(rng), rng)
+        return list(found.values())
+
+    def state(self, train_seconds):
+        """``(arrays, meta)`` for ``last.npz``: everything :meth:`restore` needs to continue exactly.
+
+        Arrays: ``model/<name>`` (parameters and buffers), ``best/<name>`` (unless the best model
+        is the current one), ``optim/<param>`` or ``optim/<param>/<slot>`` (optimizer state),
+        ``confusion`` (of the best model). Meta: epochs done, metrics rows, best-model facts,
+        optimizer step count, generator states (``bit_generator.state`` dicts, as JSON).
+        """
+        arrays = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        best_is_current = self.best.epoch == self.epochs_done
+        if self.best.state is not None and not best_is_current:
+            arrays.update((f"best/{k}", v) for k, v in self.best.state.items())
+        for name, value in self.opt.state.items():
+            if isinstance(value, dict):
+                arrays.update((f"optim/{name}/{slot}", v) for slot, v in value.items())
+            else:
+                arrays[f"optim/{name}"] = value
+        if self.best.confusion is not None:
+            arrays["confusion"] = self.best.confusion
+        meta = {"config_hash": self.config_hash, "epochs_done": self.epochs_done, "metrics": self.run.metrics,
+                "best": {"epoch": self.best.epoch, "val_acc": _finite(self.best.val_acc),
+                         "test_acc": _finite(self.best.test_acc), "is_current": best_is_current},
+                "optim_steps": self.opt.steps, "generators": [g.bit_generator.state for g in self.generators()],
+                "train_seconds": round(train_seconds, 3), "resumed_from_epochs": self.resumed_from}
+        return arrays, meta
+
+    def restore(self):
+        """Continue from the folder's ``last.npz`` if it has one; rewrite metrics.csv, checkpoint.npz
+        and confusion.csv from it (a kill may have left them one epoch ahead or behind).
+
+        Raises:
+            numexp.nn.CheckpointError: the state file is unreadable, pickled, or does not fit the model.
+        """
+        loaded = self.run.load_state()
+        if loaded is None:
+            log.info("resume: no last.npz in %s, starting from the first epoch", self.run.path)
+            return
+        arrays, meta = loaded
+        where = self.run.path / "last.npz"
+        if meta.get("config_hash") != self.config_hash:
+            raise nn.CheckpointError(f"{where} belongs to a run of another config ({meta.get('config_hash')}, "
+                                     f"this run is {self.config_hash})")
+        try:
+            best = meta["best"]
+            if best["epoch"] and not best["is_current"]:
+                self.model.load_state_dict(_prefixed(arrays, "best/"))  # checks its keys and shapes
+            self.model.load_state_dict(_prefixed(arrays, "model/"))
+            if best["epoch"]:
+                state = self.model.state_dict() if best["is_current"] else _prefixed(arrays, "best/")
+                self.best = Best(best["epoch"], _nan_if_none(best["val_acc"]), _nan_if_none(best["test_acc"]),
+                                 state, arrays.get("confusion"))
+            self.opt.state = _optimizer_state(arrays)
+            self.opt.steps = int(meta["optim_steps"])
+            generators = self.generators()
+            if len(meta["generators"]) != len(generators):
+                raise ValueError(f"{len(meta['generators'])} generator states for {len(generators)} generators")
+            for rng, rng_state in zip(generators, meta["generators"]):
+                rng.bit_generator.state = rng_state
+            self.run.metrics = [dict(row) for row in meta["metrics"]]
+            self.epochs_done = int(meta["epochs_done"])
+            self.train_seconds = float(meta.get("train_seconds") or 0.0)
+            self.resumed_from = [int(e) for e in meta.get("resumed_from_epochs", [])]
+        except (KeyError, ValueError, TypeError) as e:
+            raise nn.CheckpointError(f"resume state {where} does not fit this run ({type(e).__name__}: {e}); "
+                                     f"delete it to restart the run from scratch") from None
+        self.run.write_metrics()
+        if self.best.state is not None:
+            self.run.save_checkpoint(self.best.state)
+            if self.best.confusion is not None and len(self.ds.y_test):
+                self.run.save_confusion(self.best.confusion)
+        self.resumed_from.append(self.epochs_done)
+        log.info("resumed from epoch %d of %d (best so far: epoch %d, val %.4f)", self.epochs_done,
+                 self.cfg.epochs, self.best.epoch, self.best.val_acc)
+
+
+def _prefixed(arrays, prefix):
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def _optimizer_state(arrays):
+    """``optim/<param>`` -> array, ``optim/<param>/<slot>`` -> {slot: array} (the optimizers' layout)."""
+    state = {}
+    for key, value in _prefixed(arrays, "optim/").items():
+        name, _, slot = key.partition("/")
+        if slot:
+            state.setdefault(name, {})[slot] = value
+        else:
+            state[name] = value
+    return state
+
+
+def _nan_if_none(x):
+    return math.nan if x is None else x
 
 
 def build_model(cfg, ds, rng):
@@ -204,8 +385,7 @@ def build_model(cfg, ds, rng):
         return models.build(cfg.model.name, in_shape=ds.in_shape, num_classes=ds.num_classes, rng=rng,
                             **config.options(cfg.model))
     except models.ModelError as e:
-        raise config.ConfigError(f"model={cfg.model.name} does not fit data={cfg.data.name} "
-                                 f"(input {ds.in_shape}): {e}. Pick another model or data.size") from None
+        raise config.model_misfit(cfg, ds.in_shape, e) from None
 
 
 def build_components(cfg, model):
@@ -222,6 +402,49 @@ def build_components(cfg, model):
         except (TypeError, ValueError) as e:
             raise config.ConfigError(f"{group}: {e}") from None
     return parts["loss"], parts["optim"], parts["schedule"], parts["augment"]
+
+
+def machine_info():
+    """Where the run ran: CPU model, core count, Python and numpy versions, host name."""
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "hostname": socket.gethostname()}
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _injected_fault():
+    """(epoch, step, kill) at which this run must fail, from ``$NUMEXP_INJECT_FAULT``; None normally."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    kill = spec.startswith("kill:")
+    where, _, override = spec.removeprefix("kill:").partition("@")
+    if override and override not in _overrides():
+        return None
+    epoch, step = (int(part) for part in where.split(":"))
+    return epoch, step, kill
+
+
+def _warnings_to_log():
+    """In a job (this process is numexp's): warnings such as a rebuilt cache or skipped image files
+    become one-line log records, on the console and in the run's log."""
+    logging.captureWarnings(True)
+    warnings.formatwarning = _one_line_warning
+    # the loaders refuse such images with a DataError naming the file; Pillow's warning would repeat it
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"{category.__name__}: {message}"
 
 
 def _overrides():

@@ -28,11 +28,11 @@ def compose_cfg():
 
 @pytest.fixture
 def run_cli(tmp_path):
-    """``run_cli(*args)``: ``python -m numexp ARGS`` in ``tmp_path`` (its results/ land there)."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    """``run_cli(*args, env=None)``: ``python -m numexp ARGS`` in ``tmp_path`` (its results/ land there);
+    ``env`` defaults to :func:`cli_env`."""
 
-    def _run(*args, timeout=300):
-        return subprocess.run([sys.executable, "-m", "numexp", *args], cwd=tmp_path, env=env,
+    def _run(*args, timeout=300, env=None):
+        return subprocess.run([sys.executable, "-m", "numexp", *args], cwd=tmp_path, env=env or cli_env(),
                               capture_output=True, text=True, timeout=timeout)
 
     return _run
@@ -45,3 +45,30 @@ def shared_data():
     if not root.is_dir():
         pytest.skip(f"no shared data at {root} (set NUMEXP_DATA_ROOT)")
     return root
+
+
+def cli_env(**extra):
+    """The environment for ``python -m numexp`` subprocesses: the user's, without HYDRA_FULL_ERROR."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(extra)
+    return env
+
+
+def run_cli_many(cwd, commands, parallel=2, timeout=300, env=None):
+    """Run ``python -m numexp ARGS`` for every ARGS in ``commands``, ``parallel`` at a time, in ``cwd``.
+
+    Returns:
+        one ``subprocess.CompletedProcess`` per command, in order.
+    """
+    env = env or cli_env()
+    results, running, queue = [None] * len(commands), {}, list(enumerate(commands))
+    while queue or running:
+        while queue and len(running) < parallel:
+            i, args = queue.pop(0)
+            running[i] = (args, subprocess.Popen([sys.executable, "-m", "numexp", *args], cwd=cwd, env=env,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        i = next(iter(running))
+        args, proc = running.pop(i)
+        out, err = proc.communicate(timeout=timeout)
+        results[i] = subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return results

@@ -95,6 +95,7 @@ def test_hydra_settings(compose_cfg):
     assert h["sweep"]["dir"] == "results/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}"
     assert h["sweep"]["subdir"] == "${hydra.job.num}"
     assert h["callbacks"]["collect_runs"]["_target_"] == "numexp.callbacks.CollectRuns"
+    assert h["callbacks"]["check_before_start"]["_target_"] == "numexp.callbacks.CheckBeforeStart"
 
 
 def test_data_root_defaults_to_the_environment(compose_cfg, monkeypatch):

@@ -209,7 +209,7 @@ def test_confusion_matrix_is_skipped_with_a_note_without_a_checkpoint(tree, tmp_
     assert (out / "lr_schedule" / "confusion.png").exists()
     copy = tmp_path / "copy"
     shutil.copytree(tree / "results" / "multirun" / "lr", copy / "results" / "lr",
-                    ignore=shutil.ignore_patterns("checkpoint.npz"))
+                    ignore=shutil.ignore_patterns("checkpoint.npz", "confusion.csv"))
     generate(copy, out, ["lr_schedule"])
     readme = (out / "lr_schedule" / "README.md").read_text()
     assert "Skipped: the run folder has no checkpoint.npz" in readme

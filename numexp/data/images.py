@@ -119,7 +119,21 @@ def _decode(source, size, mode):
     if isinstance(source, Image.Image):
         return _convert(source, size, mode)
     with Image.open(source) as im:
+        _check_pixels(im)
         return _convert(im, size, mode)
+
+
+def _check_pixels(im):
+    """Refuse an image whose header claims more pixels than Pillow's limit before decoding it.
+
+    Pillow itself raises only above twice ``Image.MAX_IMAGE_PIXELS`` (and just warns between),
+    so a file claiming 100M pixels would still be decoded into gigabytes.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = im.size
+    if limit and width * height > limit:
+        raise Image.DecompressionBombError(f"image size {width}x{height} ({width * height} pixels) exceeds the "
+                                           f"limit of {limit} pixels: a decompression bomb?")
 
 
 def _convert(im, size, mode):
