@@ -11,14 +11,13 @@ Every layer follows one small contract:
 Parameters are created in the default dtype (float32; :func:`set_default_dtype` changes it,
 e.g. to float64 for gradient checks) and layers keep the dtype of their input.
 """
-import os
-import tempfile
 import zipfile
 from collections import OrderedDict
 
 import numpy as np
 
 from numexp import kernels
+from numexp.atomic import atomic_open
 
 _default_dtype = np.dtype(np.float32)
 
@@ -180,19 +179,8 @@ class Module:
 
 def save_npz(path, state):
     """Write a state dict to ``path`` as an uncompressed ``.npz``, atomically (temp file + rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in state.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in state.items()})
 
 
 class CheckpointError(ValueError):

@@ -26,7 +26,6 @@ gives identical files (figures are rendered headless, with Agg).
 """
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from matplotlib.ticker import MaxNLocator
 
 from numexp import runs as runs_mod
 from numexp import stats
+from numexp.atomic import atomic_open
 from numexp.rundir import CHECKPOINT, METRICS, SUMMARY, atomic_write_text, read_json
 
 REPORTS_DIR = "experiments"
@@ -829,11 +829,10 @@ def save_figure(fig, path):
     """Write ``fig`` as a PNG without software version or date (identical bytes when regenerated),
     through a temporary file and a rename; returns ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # Agg explicitly, no pyplot: headless, and no figure outlives its report
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png", metadata=PNG_METADATA)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", metadata=PNG_METADATA)
     return path
 
 

@@ -10,12 +10,12 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from numexp import nn
+from numexp.atomic import atomic_open, is_temp_name
 
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
@@ -52,19 +52,8 @@ def to_builtin(value):
 
 def atomic_write_text(path, text):
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    # per-process name: parallel writers never share a temp file; open() keeps the umask's mode
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
 
 
 def write_json(path, obj):
@@ -96,7 +85,7 @@ def confusion_text(matrix):
 
 def is_temp_file(name):
     """Names of the temporary files of :func:`atomic_write_text` and :func:`numexp.nn.save_npz`."""
-    return (name.startswith(".") and name.endswith(".tmp")) or (name.startswith(".tmp-") and name.endswith(".npz"))
+    return is_temp_name(name)
 
 
 class RunDir:

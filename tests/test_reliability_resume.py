@@ -135,7 +135,7 @@ def test_stale_temp_files_of_killed_writers_are_removed_on_resume(compose_cfg, t
     trainer.train(compose_cfg(TINY), out_dir=tmp_path)
     monkeypatch.delenv(trainer.FAULT_ENV)
     (tmp_path / ".metrics.csv.4242.tmp").write_text("epoch,lr\n1,0.")
-    (tmp_path / ".tmp-abc123.npz").write_bytes(b"PK\x03\x04torn")
+    (tmp_path / ".checkpoint.npz.4242.tmp").write_bytes(b"PK\x03\x04torn")
     assert trainer.train(compose_cfg([*TINY, "resume=true"]), out_dir=tmp_path)["status"] == "completed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "confusion.csv", "metrics.csv",
                                                           "summary.json"]

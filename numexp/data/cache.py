@@ -6,15 +6,15 @@ files). A load whose ``meta`` differs, or that fails in any way, is reported wit
 and rebuilt: a cache is never trusted. Writers save to a temporary file in the cache folder
 and ``os.replace`` it, so readers and concurrent builders only ever see complete files.
 """
-import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-import tempfile
 import warnings
 
 import numpy as np
+
+from numexp.atomic import atomic_open
 
 CACHE_ENV = "NUMEXP_CACHE_DIR"
 FORMAT_VERSION = 1
@@ -62,21 +62,11 @@ def load_cache(path, meta, validate):
 
 def save_cache(path, meta, arrays):
     """Write ``arrays`` + ``meta`` to ``path`` atomically; warn (don't fail) if it cannot be written."""
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path, "wb") as f:
             np.savez(f, meta=np.array(meta), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
         return True
     except OSError as err:
         warnings.warn(f"could not write cache {path} ({err}); continuing without it", stacklevel=3)
         return False
-    finally:
-        if tmp is not None:  # interrupted or failed: leave no half-written file behind
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
