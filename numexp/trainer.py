@@ -455,8 +455,12 @@ def _overrides():
 
 
 def _blas_threads():
-    """Threads in effect per BLAS library, e.g. ``[{"library": "openblas", "num_threads": 1}]``."""
-    return [{"library": i["internal_api"], "num_threads": i["num_threads"]}
+    """Threads in effect and kernels chosen per BLAS library, e.g.
+    ``[{"library": "openblas", "num_threads": 1, "architecture": "SkylakeX"}]``.
+
+    numexp does not pick OpenBLAS kernels itself (the wheels' OpenBLAS already selects the AVX-512
+    ones on this machine's CPU); recording the choice keeps timings comparable across machines."""
+    return [{"library": i["internal_api"], "num_threads": i["num_threads"], "architecture": i.get("architecture")}
             for i in threadpool_info() if i["user_api"] == "blas"]
 
 

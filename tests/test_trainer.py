@@ -79,6 +79,7 @@ def test_model_that_does_not_fit_fails_before_training(compose_cfg, tmp_path):
 def test_blas_is_pinned_to_threads(compose_cfg, tmp_path):
     summary, _ = run(compose_cfg, tmp_path, "epochs=1", "threads=1")
     assert summary["blas"] and all(b["num_threads"] == 1 for b in summary["blas"])
+    assert all("architecture" in b for b in summary["blas"])  # which kernels ran is part of the provenance
 
 
 @pytest.mark.parametrize("schedule", ["fixed", "step", "exp_decay", "cosine", "dynamic"])
