@@ -1,6 +1,7 @@
 """Command line: ``numexp [OVERRIDES]`` / ``python -m numexp [OVERRIDES]`` trains through Hydra
 (``-m`` sweeps); ``numexp collect SWEEP_DIR`` rebuilds a sweep's runs.csv; ``numexp runs`` and
-``numexp report`` are ``python -m numexp.runs`` and ``python -m numexp.report``."""
+``numexp report`` are ``python -m numexp.runs`` and ``python -m numexp.report``; ``numexp status
+SWEEP_DIR`` shows how far a sweep is (``python -m numexp.status``)."""
 import os
 import sys
 from concurrent.futures import BrokenExecutor
@@ -33,13 +34,18 @@ def _eval(argv):
     return evaluate.main(argv)
 
 
+def _status(argv):
+    from numexp import status
+    return status.main(argv)
+
+
 def _summary(argv):
     from numexp import summary
     return summary.main(argv)
 
 
 COMMANDS = {"collect": sweep.main, "runs": _runs, "report": _report, "predict": _predict, "eval": _eval,
-            "summary": _summary}
+            "summary": _summary, "status": _status}
 
 
 def main():

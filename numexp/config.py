@@ -261,6 +261,13 @@ class Config:
     # continue the run (or sweep) in an existing output folder: finished runs are skipped,
     # unfinished ones go on from their last epoch checkpoint (last.npz)
     resume: bool = False
+    # quick checks (debug=smoke): train at most this many epochs / batches per epoch; 0 = no limit.
+    # Separate from `epochs` because an experiment, composed after the preset, sets epochs itself
+    max_epochs: int = 0
+    max_steps: int = 0
+    # free labels and a note for the run: recorded in summary.json, columns of `numexp runs`
+    tags: List[str] = field(default_factory=list)
+    notes: str = ""
 
 
 SCHEMAS = {
@@ -318,6 +325,8 @@ RULES = {
     "threads": (_at_least_one, ">= 1"),
     "patience": (_non_negative, ">= 0 (0 = no early stopping)"),
     "eval_batch_size": (_at_least_one, ">= 1"),
+    "max_epochs": (_non_negative, ">= 0 (0 = no limit)"),
+    "max_steps": (_non_negative, ">= 0 (0 = no limit)"),
     "augment.names": (lambda v: set(v) <= set(AUGMENTERS), f"a list of {', '.join(AUGMENTERS)}"),
     "augment.padding": (_non_negative, ">= 0"),
     "model.init_std": (_positive, "> 0"),
@@ -418,9 +427,9 @@ def task_config(cfg):
 
 # --------------------------------------------------------------------------- identity
 
-# Keys that control how a run is executed, not what it computes: left out of its identity, so
-# `resume=true` continues a run that was started without it.
-NOT_IDENTITY = ("resume",)
+# Keys that control how a run is executed or describe it, not what it computes: left out of its
+# identity, so `resume=true` continues a run that was started without them.
+NOT_IDENTITY = ("resume", "tags", "notes")
 
 
 def identity(cfg):

@@ -1,5 +1,7 @@
-"""Writing a run folder: ``metrics.csv``, ``summary.json``, ``checkpoint.npz``, ``confusion.csv``
-and the resume state ``last.npz``; the rules for reusing a folder (``resume=true``).
+"""Writing a run folder: ``metrics.csv``, ``summary.json``, ``checkpoint.npz``, ``confusion.csv``,
+the progress file ``status.json`` (read by ``numexp status``), ``git.diff`` (uncommitted changes
+of numexp's source tree, if any) and the resume state ``last.npz``; the rules for reusing a
+folder (``resume=true``).
 
 Every file is written to a temporary name in the same folder and renamed over the target
 (``os.replace`` is atomic on one file system), so a run killed at any moment leaves the old
@@ -21,10 +23,13 @@ METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.npz"
 CONFUSION = "confusion.csv"
+# state, epoch, best val_acc, seconds per epoch, host and pid: rewritten after every epoch
+STATUS = "status.json"
+GIT_DIFF = "git.diff"
 # the resume state, rewritten after every epoch, removed when the run completes
 LAST = "last.npz"
 # what a run itself writes (Hydra adds .hydra/ and the log)
-RUN_FILES = (METRICS, SUMMARY, CHECKPOINT, CONFUSION, LAST)
+RUN_FILES = (METRICS, SUMMARY, CHECKPOINT, CONFUSION, LAST, STATUS, GIT_DIFF)
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_acc", "test_acc", "seconds"]
 STATE_FORMAT = 1
 
@@ -118,6 +123,12 @@ class RunDir:
 
     def write_summary(self, summary):
         write_json(self.path / SUMMARY, summary)
+
+    def write_text(self, name, text):
+        atomic_write_text(self.path / name, text)
+
+    def write_status(self, status):
+        write_json(self.path / STATUS, status)
 
     def save_checkpoint(self, state):
         nn.save_npz(self.path / CHECKPOINT, state)

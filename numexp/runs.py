@@ -38,7 +38,10 @@ METRIC_COLUMNS = ["val_acc", "test_acc", "best_epoch", "final_val_acc", "final_t
 TAIL_COLUMNS = ["error"]
 RESERVED = set(ID_COLUMNS) | set(METRIC_COLUMNS) | set(TAIL_COLUMNS)
 # config keys that never change a run's result: a configuration is the other keys
-NON_RESULT_KEYS = ("threads", "resume", "eval_batch_size", "data.root", "data.cache_dir", "data.use_cache")
+NON_RESULT_KEYS = ("threads", "resume", "eval_batch_size", "data.root", "data.cache_dir", "data.use_cache", "tags",
+                   "notes")
+# the user's labels: shown whenever a run has them, even when every run has the same
+LABEL_KEYS = ("tags", "notes")
 
 
 class RunsError(Exception):
@@ -187,8 +190,11 @@ def differing_keys(table):
 
 
 def tidy(table):
-    """``table`` without the config keys that are the same in every row."""
+    """``table`` without the config keys that are the same in every row (``tags`` and ``notes`` stay
+    when any run has them)."""
     keep = set(differing_keys(table))
+    labelled = table[[k for k in LABEL_KEYS if k in table]].map(lambda v: _value_key(v) not in (None, "", "[]"))
+    keep |= {k for k in labelled if labelled[k].any()}
     return table[[c for c in table.columns if c in RESERVED or c in keep]]
 
 

@@ -25,8 +25,8 @@ from hydra.types import RunMode
 from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from numexp import config, data, losses, models, nn, optim, schedules
-from numexp.rundir import CHECKPOINT, RunDir, RunDirError, check_same_run
+from numexp import config, data, losses, models, nn, optim, provenance, schedules
+from numexp.rundir import CHECKPOINT, GIT_DIFF, RunDir, RunDirError, check_same_run
 from numexp.summary import layer_summary
 
 log = logging.getLogger(__name__)
@@ -94,13 +94,19 @@ def train(cfg, out_dir=None):
     elif run.run_files():
         raise RunDirError(f"run folder {run.path} already holds {', '.join(run.run_files())}: add resume=true "
                           f"to continue that run, or choose another folder")
+    git, diff = provenance.git_info()
+    if diff:
+        run.write_text(GIT_DIFF, diff)
     # keys in reading order; the metrics are filled in as the run goes
     summary = {"status": "running", "error": None, **dict.fromkeys(RESULT_KEYS), "train_seconds": None,
                "wall_seconds": None, "seed": int(cfg.seed), "threads": int(cfg.threads), "blas": None,
                "overrides": _overrides(), "config_hash": run_hash, "resumed_from_epochs": [],
-               "machine": machine_info()}
+               "tags": list(cfg.get("tags") or []), "notes": cfg.get("notes") or "",
+               "start_time": provenance.now_iso(), "end_time": None,
+               "numexp": {"version": provenance.numexp_version(), "git": git}, "machine": machine_info()}
     start = time.perf_counter()
     trainer = None
+    write_status(run, "running", planned_epochs(cfg))
     try:
         config.validate(cfg)
         with threadpool_limits(limits=int(cfg.threads)):
@@ -126,7 +132,9 @@ def train(cfg, out_dir=None):
         if trainer is not None:
             summary.update(trainer.results())
         summary["wall_seconds"] = round(time.perf_counter() - start, 3)
+        summary["end_time"] = provenance.now_iso()
         run.write_summary(summary)
+        write_status(run, summary["status"], planned_epochs(cfg), trainer)
     if summary["status"] == "completed":
         run.remove_state()  # after the summary: the run is recorded as complete before its state goes
     _log_summary(summary, run.path)
@@ -162,6 +170,7 @@ class Trainer:
         self.loss_fn, self.opt, self.schedule, self.augment = build_components(cfg, self.model)
         self.best = Best()
         self.stopped_early = False
+        self.epochs = planned_epochs(cfg)
         self.epochs_done = 0
         self.resumed_from = []
         self.train_seconds = 0.0  # of earlier sessions, when resumed
@@ -184,7 +193,7 @@ class Trainer:
             if self.epochs_done and self.should_stop(self.epochs_done):
                 self.stopped_early = True  # the stop rule fired just before the previous session ended
                 return
-            for epoch in range(self.epochs_done, int(self.cfg.epochs)):
+            for epoch in range(self.epochs_done, self.epochs):
                 if self.schedule.restores_best(epoch) and self.best.state is not None:
                     self.model.load_state_dict(self.best.state)
                     log.info("restored the best model (epoch %d) before the lr drop", self.best.epoch)
@@ -218,8 +227,9 @@ class Trainer:
                 self.run.save_confusion(self.best.confusion)
         elapsed = time.perf_counter() - (fit_start if fit_start is not None else start)
         self.run.save_state(*self.state(self.train_seconds + elapsed))
+        write_status(self.run, "running", self.epochs, self)
         log.info("epoch %d/%d  lr %.2e  loss %.4f  train %.4f  val %.4f  test %.4f  %.1fs%s",
-                 epoch, self.cfg.epochs, row["lr"], train_loss, train_acc, val_acc, test_acc, row["seconds"],
+                 epoch, self.epochs, row["lr"], train_loss, train_acc, val_acc, test_acc, row["seconds"],
                  "  *" if self.best.epoch == epoch else "")
 
     def train_epoch(self, epoch):
@@ -228,7 +238,10 @@ class Trainer:
         total_loss, correct, seen = 0.0, 0, 0
         batches = data.batches(self.ds.x_train, self.ds.y_train, int(self.cfg.batch_size),
                                rng=self.batch_rng, augment=self.augment)
+        max_steps = int(self.cfg.get("max_steps", 0))
         for step, (xb, yb) in enumerate(batches, start=1):
+            if max_steps and step > max_steps:
+                break
             if self.fault and self.fault[:2] == (epoch, step):
                 if self.fault[2]:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -402,6 +415,27 @@ def build_components(cfg, model):
         except (TypeError, ValueError) as e:
             raise config.ConfigError(f"{group}: {e}") from None
     return parts["loss"], parts["optim"], parts["schedule"], parts["augment"]
+
+
+def planned_epochs(cfg):
+    """The epochs this run will train: ``epochs``, capped by ``max_epochs`` when set; None while the
+    config is incomplete (it is then refused by validation)."""
+    try:
+        epochs, cap = int(cfg.epochs), int(cfg.get("max_epochs", 0))
+    except Exception:  # noqa: BLE001 - a missing or mistyped value, reported by config.validate
+        return None
+    return min(epochs, cap) if cap > 0 else epochs
+
+
+def write_status(run, state, epochs, trainer=None):
+    """``status.json``: where the run stands, for ``numexp status`` from another terminal or machine.
+
+    ``host`` and ``pid`` let it tell a run that is still going from one whose process was killed."""
+    rows = trainer.run.metrics if trainer is not None else []
+    best = trainer.best.val_acc if trainer is not None else -math.inf
+    run.write_status({"state": state, "epoch": len(rows), "epochs": epochs, "best_val_acc": _finite(best),
+                      "seconds_per_epoch": round(sum(r["seconds"] for r in rows) / len(rows), 3) if rows else None,
+                      "host": socket.gethostname(), "pid": os.getpid(), "updated": provenance.now_iso()})
 
 
 def machine_info():

@@ -82,7 +82,7 @@ def test_a_bad_value_in_one_job_of_a_sweep_fails_that_run_only(compose_cfg, tmp_
 
     summary = trainer.train(compose_cfg(["model=mlp", "lr=-1", "epochs=1"]), out_dir=tmp_path)
     assert summary["status"] == "failed" and summary["error"] == "lr=-1.0 is invalid: must be > 0"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "git.diff") == ["status.json", "summary.json"]
 
 
 def _data_cfg(name, **options):

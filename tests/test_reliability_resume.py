@@ -137,8 +137,8 @@ def test_stale_temp_files_of_killed_writers_are_removed_on_resume(compose_cfg, t
     (tmp_path / ".metrics.csv.4242.tmp").write_text("epoch,lr\n1,0.")
     (tmp_path / ".checkpoint.npz.4242.tmp").write_bytes(b"PK\x03\x04torn")
     assert trainer.train(compose_cfg([*TINY, "resume=true"]), out_dir=tmp_path)["status"] == "completed"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "confusion.csv", "metrics.csv",
-                                                          "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "git.diff") == [
+        "checkpoint.npz", "confusion.csv", "metrics.csv", "status.json", "summary.json"]
 
 
 def test_train_refuses_a_folder_holding_run_files_without_resume(compose_cfg, tmp_path):
