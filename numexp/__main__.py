@@ -1,7 +1,7 @@
 """Command line: ``numexp [OVERRIDES]`` / ``python -m numexp [OVERRIDES]`` trains through Hydra
-(``-m`` sweeps); ``numexp collect SWEEP_DIR`` rebuilds a sweep's runs.csv; ``numexp runs`` and
-``numexp report`` are ``python -m numexp.runs`` and ``python -m numexp.report``; ``numexp status
-SWEEP_DIR`` shows how far a sweep is (``python -m numexp.status``)."""
+(``-m`` sweeps); ``numexp collect SWEEP_DIR`` rebuilds a sweep's runs.csv; ``numexp VERB ...`` for
+VERB in runs, report, predict, eval, summary, status is ``python -m numexp.VERB ...``."""
+import importlib
 import os
 import sys
 from concurrent.futures import BrokenExecutor
@@ -12,40 +12,19 @@ from omegaconf.errors import OmegaConfBaseException
 
 from numexp import callbacks, config, rundir, sweep, trainer
 
+# subcommand -> module with main(argv); imported only when used, so pandas/matplotlib stay out of a
+# training run's start-up
+SUBCOMMANDS = {"runs": "runs", "report": "report", "predict": "predict", "eval": "evaluate",
+               "summary": "summary", "status": "status"}
 
 
-def _runs(argv):
-    from numexp import runs  # pandas/matplotlib stay out of a training run's start-up
-    return runs.main(argv)
+def _subcommand(module):
+    def run(argv):
+        return importlib.import_module(f"numexp.{module}").main(argv)
+    return run
 
 
-def _report(argv):
-    from numexp import report
-    return report.main(argv)
-
-
-def _predict(argv):
-    from numexp import predict
-    return predict.main(argv)
-
-
-def _eval(argv):
-    from numexp import evaluate
-    return evaluate.main(argv)
-
-
-def _status(argv):
-    from numexp import status
-    return status.main(argv)
-
-
-def _summary(argv):
-    from numexp import summary
-    return summary.main(argv)
-
-
-COMMANDS = {"collect": sweep.main, "runs": _runs, "report": _report, "predict": _predict, "eval": _eval,
-            "summary": _summary, "status": _status}
+COMMANDS = {"collect": sweep.main, **{name: _subcommand(module) for name, module in SUBCOMMANDS.items()}}
 
 
 def main():

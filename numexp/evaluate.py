@@ -38,7 +38,6 @@ from matplotlib.figure import Figure
 from numexp import report
 from numexp.predict import RunError, batch_scores, class_label, load_run
 from numexp.rundir import atomic_write_text, to_builtin
-from numexp.summary import one_line
 
 SPLITS = ("test", "val", "train")
 EVAL_DIR = "eval"
@@ -143,7 +142,7 @@ def _compose_data(overrides):
         with initialize_config_module(config_module="numexp.conf", version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides)).data
     except (HydraException, OmegaConfBaseException) as e:
-        raise EvalError(one_line(e)) from None
+        raise EvalError(config.error_line(e)) from None
 
 
 def evaluate(run, overrides=(), split="test", threads=None):
@@ -172,7 +171,7 @@ def evaluate(run, overrides=(), split="test", threads=None):
         options = config.options(node)
         overridden = str(node.name) != str(run.cfg.data.name) or options != config.options(run.cfg.data)
     except OmegaConfBaseException as e:  # a value that does not parse or resolve
-        raise EvalError(one_line(e)) from None
+        raise EvalError(config.error_line(e)) from None
     ds = data.load(str(node.name), **options)
     if ds.in_shape != run.in_shape:
         raise EvalError(f"data={node.name} gives inputs of shape {ds.in_shape}, the run's model takes "

@@ -181,22 +181,8 @@ def compose(overrides):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
         config.validate(cfg)
     except (HydraException, OmegaConfBaseException, config.ConfigError) as e:
-        raise SummaryError(one_line(e)) from None
+        raise SummaryError(config.error_line(e)) from None
     return cfg
-
-
-def one_line(error):
-    """A Hydra/OmegaConf error on one line: its cause appended, Hydra's option lists joined, the
-    search path dropped."""
-    text = str(error).split("Config search path")[0]
-    cause = error.__cause__
-    if cause is not None and str(cause).strip() and str(cause).splitlines()[0] not in text:
-        text = f"{text.rstrip()}: {str(cause).splitlines()[0]}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    out = lines[0] if lines else type(error).__name__
-    for line in lines[1:]:
-        out += (" " if out.endswith((":", ".")) else "; " if line.endswith(":") else ", ") + line
-    return out
 
 
 def build(cfg, in_shape, num_classes):

@@ -142,7 +142,7 @@ def test_bad_overrides_data_and_split_are_one_line_errors(gtsrb_run, shared_data
     monkeypatch.setenv("NUMEXP_DATA_ROOT", str(shared_data))
     for args, words in [(["split=bogus"], "split=bogus is invalid"), (["lr=1"], "cannot override 'lr=1'"),
                         (["data=digits"], "data=digits gives inputs of shape (1, 8, 8)"),
-                        (["data=nope"], "Could not find 'data/nope'")]:
+                        (["data=nope"], "data=nope is not an option: data is one of")]:
         assert evaluate.main([str(gtsrb_run), *args]) == 1
         (line,) = capsys.readouterr().err.splitlines()
         assert words in line, (args, line)
