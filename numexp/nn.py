@@ -235,6 +235,8 @@ class Linear(Module):
     """
 
     reg_keys = ("weight",)
+    # set by SGD.fuse_into_backward: fused_update(layer, dout, x) updates the weight in backward
+    fused_update = None
 
     def __init__(self, in_features, out_features, bias=True, rng=None):
         super().__init__()
@@ -255,10 +257,16 @@ class Linear(Module):
 
     def backward(self, dout):
         x = self._cache
-        self.grads["weight"] = np.matmul(dout.T, x, out=self._grad_buffer("weight"))
+        # before a fused update changes the weights
+        dx = dout @ self.params["weight"] if self.needs_input_grad else None
+        if self.fused_update is not None:
+            self.fused_update(self, dout, x)
+            self.grads.pop("weight", None)
+        else:
+            self.grads["weight"] = np.matmul(dout.T, x, out=self._grad_buffer("weight"))
         if "bias" in self.params:
             self.grads["bias"] = _column_sums(dout)
-        return dout @ self.params["weight"] if self.needs_input_grad else None
+        return dx
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.in_features,):

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from numexp import nn
+
 
 class Optimizer:
     """Base class: walks the parameters, applies ``reg`` / ``weight_decay``, calls :meth:`update`."""
@@ -55,6 +57,11 @@ class Optimizer:
         """Change ``p`` in place given its (penalised) gradient ``g``."""
         raise NotImplementedError
 
+    def fuse_into_backward(self):
+        """Let large Linear layers apply this optimizer's update during ``backward`` (see
+        :meth:`SGD.fuse_into_backward`); returns the number of layers that do. None by default."""
+        return 0
+
 
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum, torch's rule.
@@ -82,6 +89,38 @@ class SGD(Optimizer):
                 buf += (1 - self.dampening) * g
             g = g + self.momentum * buf if self.nesterov else buf
         _axpy(p, -self.lr, g, self._scratch)
+
+    def fuse_into_backward(self):
+        """Plain SGD only: large Linear layers (FC1 of SimpleNet: 12.6M weights) then update their
+        weight inside ``backward``, block of rows by block of rows, as
+        ``W = (1 - lr*decay) * W - lr * dout.T @ x``, and keep no weight gradient (``step`` skips them).
+
+        The 50 MB weight gradient is then never written and read back; the update is the same
+        arithmetic as :meth:`step`'s. Call it once, before training: after it, each ``backward`` of
+        such a layer *is* its update, so use it only where every backward is followed by a step.
+        """
+        if self.momentum:
+            return 0
+        layers = [m for _, m in self.model.named_modules()
+                  if isinstance(m, nn.Linear) and m.params["weight"].size >= CHUNK]
+        for layer in layers:
+            layer.fused_update = self._update_linear_weight
+        return len(layers)
+
+    def _update_linear_weight(self, layer, dout, x):
+        """``layer.weight`` (out, in) ``= (1 - lr*decay) * W - lr * dout.T @ x`` for dout (N, out), x (N, in),
+        through a cache-sized block of rows at a time."""
+        w = layer.params["weight"]
+        decay = self.weight_decay + self.reg
+        rows = max(1, CHUNK // w.shape[1])
+        buf = _scratch(self._scratch, w.dtype)[:rows * w.shape[1]].reshape(rows, w.shape[1])
+        scaled = (dout * -self.lr).T  # (out, N): -lr folded into the small operand
+        for start in range(0, w.shape[0], rows):
+            block = w[start:start + rows]
+            part = np.matmul(scaled[start:start + rows], x, out=buf[:len(block)])
+            if decay:
+                block *= 1 - self.lr * decay
+            block += part
 
 
 class Adagrad(Optimizer):
@@ -178,15 +217,20 @@ def _axpy(p, alpha, g, scratch):
     if p.size <= CHUNK or not (p.flags.c_contiguous and g.flags.c_contiguous):
         p += alpha * g
         return
-    buf = scratch.get(p.dtype)
-    if buf is None:
-        buf = scratch[p.dtype] = np.empty(CHUNK, dtype=p.dtype)
+    buf = _scratch(scratch, p.dtype)
     flat_p, flat_g = p.reshape(-1), g.reshape(-1)
     for start in range(0, flat_p.size, CHUNK):
         stop = min(start + CHUNK, flat_p.size)
         part = buf[:stop - start]
         np.multiply(flat_g[start:stop], alpha, out=part)
         flat_p[start:stop] += part
+
+
+def _scratch(scratch, dtype):
+    """The optimizer's CHUNK-sized temporary of ``dtype``, made on first use."""
+    if dtype not in scratch:
+        scratch[dtype] = np.empty(CHUNK, dtype=dtype)
+    return scratch[dtype]
 
 
 OPTIMIZERS = {

@@ -442,6 +442,36 @@ def test_optimizer_trajectory_matches_torch(case):
     _run_trajectories(model, t, ne_cls(model, **ne_opts), t_cls(t.parameters(), **t_opts))
 
 
+@pytest.mark.parametrize("opts", [dict(lr=0.1), dict(lr=0.1, weight_decay=0.05), dict(lr=0.1, reg=0.03)],
+                         ids=["sgd", "weight-decay", "reg"])
+def test_sgd_fused_into_backward_follows_torch(opts):
+    """SGD.fuse_into_backward: the large Linear updates its weight inside backward, block of rows by
+    block of rows; the trajectory is still torch's (``reg`` as a parameter group on Linear weights)."""
+    rng = np.random.default_rng(18)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 600, rng=rng), nn.ReLU(), nn.Linear(600, 500, rng=rng),
+                          nn.Tanh(), nn.Linear(500, 3, rng=rng))  # 600x500 = 300,000 weights > optim.CHUNK
+    t = as_torch(model)
+    opt = optim.SGD(model, **opts)
+    assert opt.fuse_into_backward() == 1 and model["3"].fused_update is not None
+    t_opts = {k: v for k, v in opts.items() if k != "reg"}
+    weights = [t[i].weight for i in (1, 3, 5)] if "reg" in opts else []  # reg: every Linear weight
+    rest = [p for p in t.parameters() if all(p is not w for w in weights)]
+    groups = [{"params": rest}] + ([{"params": weights, "weight_decay": opts["reg"]}] if weights else [])
+    t_opt = torch.optim.SGD(groups, **t_opts)
+    rng = np.random.default_rng(19)
+    loss_fn = losses.CrossEntropy()
+    for step in range(1, 5):
+        x, y = rng.standard_normal((6, 2, 4, 4)), rng.integers(0, 3, 6)
+        _, dscores = loss_fn(model(x), y)
+        model.backward(dscores)
+        assert "weight" not in model["3"].grads  # applied already, never stored
+        opt.step()
+        t_opt.zero_grad()
+        F.cross_entropy(t(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        t_opt.step()
+        assert_state_close(model, t, f"after step {step}")
+
+
 BUILD_CASES = {  # optim.build name -> torch optimizer with torch's own defaults
     "sgd": (torch.optim.SGD, {}),
     "momentum": (torch.optim.SGD, {"momentum": 0.9}),
