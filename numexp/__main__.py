@@ -1,6 +1,6 @@
 """Command line: ``numexp [OVERRIDES]`` / ``python -m numexp [OVERRIDES]`` trains through Hydra
 (``-m`` sweeps); ``numexp collect SWEEP_DIR`` rebuilds a sweep's runs.csv; ``numexp VERB ...`` for
-VERB in runs, report, predict, eval, summary, status is ``python -m numexp.VERB ...``."""
+VERB in runs, report, predict, eval, summary, status, plan is ``python -m numexp.VERB ...``."""
 import importlib
 import os
 import sys
@@ -15,7 +15,7 @@ from numexp import callbacks, config, rundir, sweep, trainer
 # subcommand -> module with main(argv); imported only when used, so pandas/matplotlib stay out of a
 # training run's start-up
 SUBCOMMANDS = {"runs": "runs", "report": "report", "predict": "predict", "eval": "evaluate",
-               "summary": "summary", "status": "status"}
+               "summary": "summary", "status": "status", "plan": "plan"}
 
 
 def _subcommand(module):
@@ -30,6 +30,8 @@ COMMANDS = {"collect": sweep.main, **{name: _subcommand(module) for name, module
 def main():
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
+    if "+plan=true" in sys.argv[1:]:  # `numexp -m ... +plan=true` is `numexp plan ...`
+        sys.exit(COMMANDS["plan"](sys.argv[1:]))
     config.register()
     # the task lives in an importable module: joblib's workers unpickle it by reference
     app = hydra.main(version_base="1.3", config_path="pkg://numexp.conf", config_name="config")(trainer.task)
@@ -57,6 +59,8 @@ def run_reporting_user_errors(app):
         callbacks.exit_with_user_error(e)
     except BrokenExecutor as e:  # a multirun's worker process died
         callbacks.exit_after_worker_death(e)
+    except trainer.StopSweep as e:  # a run failed under fail_fast=true
+        callbacks.exit_after_fail_fast(e)
 
 
 if __name__ == "__main__":

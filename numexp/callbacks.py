@@ -76,10 +76,22 @@ def exit_after_worker_death(error):
     to continue. Outside a multirun, ``error`` is raised again."""
     if active_sweep_dir is None:
         raise error
+    codes = re.search(r"exit codes of the workers are \{(.*?)\}", str(error))
+    exit_stopped_sweep(f"a worker process died{f' ({codes[1]})' if codes else ''}, which stops the whole sweep")
+
+
+def exit_after_fail_fast(error):
+    """A run failed under ``fail_fast=true`` (:class:`numexp.trainer.StopSweep`): the same ending."""
+    if active_sweep_dir is None:
+        raise error
+    exit_stopped_sweep(f"{error}; fail_fast=true stops the sweep there")
+
+
+def exit_stopped_sweep(cause):
+    """The sweep ended early, so Hydra skips ``on_multirun_end``: write runs.csv and the summary
+    here, then one line with the cause and how to continue; exit code 1."""
     path, table = sweep.write_runs_csv(active_sweep_dir)
     sweep.report(table, path)
-    codes = re.search(r"exit codes of the workers are \{(.*?)\}", str(error))
-    print(f"numexp: error: a worker process died{f' ({codes[1]})' if codes else ''}, which stops the whole "
-          f"sweep; completed runs are kept: run the same command with resume=true to continue the others",
-          file=sys.stderr)
+    print(f"numexp: error: {cause}; completed runs are kept: run the same command with resume=true to "
+          f"continue the others", file=sys.stderr)
     raise SystemExit(1)

@@ -261,6 +261,9 @@ class Config:
     # continue the run (or sweep) in an existing output folder: finished runs are skipped,
     # unfinished ones go on from their last epoch checkpoint (last.npz)
     resume: bool = False
+    # multirun: stop the whole sweep at the first run that fails or diverges (default: the other
+    # runs go on and the end-of-sweep summary lists the failures)
+    fail_fast: bool = False
     # quick checks (debug=smoke): train at most this many epochs / batches per epoch; 0 = no limit.
     # Separate from `epochs` because an experiment, composed after the preset, sets epochs itself
     max_epochs: int = 0
@@ -429,7 +432,7 @@ def task_config(cfg):
 
 # Keys that control how a run is executed or describe it, not what it computes: left out of its
 # identity, so `resume=true` continues a run that was started without them.
-NOT_IDENTITY = ("resume", "tags", "notes")
+NOT_IDENTITY = ("resume", "fail_fast", "tags", "notes")
 
 
 def identity(cfg):

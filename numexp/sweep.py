@@ -21,6 +21,9 @@ RUNS_CSV = "runs.csv"
 MULTIRUN_YAML = "multirun.yaml"  # Hydra's record of the sweep's composed config and command
 SUMMARY_COLUMNS = ["val_acc", "test_acc", "best_epoch", "final_test_acc", "epochs_run", "train_seconds",
                    "status", "error"]
+# the end-of-sweep table: how many runs, which metrics
+BEST_SHOWN = 10
+BEST_COLUMNS = ["val_acc", "test_acc", "best_epoch", "epochs_run", "train_seconds"]
 
 
 def run_dirs(sweep_dir):
@@ -82,23 +85,42 @@ def write_runs_csv(sweep_dir):
     return path, table
 
 
-def report(table, path):
-    """Log the sweep's outcome: counts, the best run, each failed run with its reason.
+def report(table, path, top=BEST_SHOWN):
+    """Log the sweep's outcome: counts, the best runs as a table (swept keys as columns), each run
+    that did not complete with its reason, and where ``runs.csv`` is.
 
     Returns:
         the rows of runs that did not complete.
     """
     bad = table[table["status"] != "completed"]
-    log.info("%d runs: %d completed, %d failed, diverged or incomplete; runs table: %s",
-             len(table), len(table) - len(bad), len(bad), path)
-    done = table[table["status"] == "completed"].dropna(subset=["val_acc"])
-    if len(done):
-        best = done.sort_values("val_acc", ascending=False, kind="stable").iloc[0]
-        log.info("best by val_acc: job %s (%s) val %.4f test %.4f", best["job"], _describe(best, table),
-                 best["val_acc"], best["test_acc"])
+    log.info("%d runs: %d completed, %d failed, diverged or incomplete", len(table), len(table) - len(bad), len(bad))
+    best = best_runs(table, top)
+    if len(best):
+        shown = f"the best {len(best)}" if len(best) < len(table) - len(bad) else "completed runs"
+        log.info("%s by val_acc:\n%s", shown, best.to_string(index=False, float_format="{:g}".format))
     for _, row in bad.iterrows():
         log.error("job %s (%s) %s: %s", row["job"], _describe(row, table), row["status"], row["error"])
+    log.info("runs table: %s", path)
     return bad
+
+
+def best_runs(table, top=BEST_SHOWN):
+    """The ``top`` completed runs by val_acc: job, the keys that vary across the sweep, the metrics,
+    formatted for the terminal."""
+    done = table[table["status"] == "completed"].dropna(subset=["val_acc"])
+    done = done.sort_values(["val_acc", "test_acc"], ascending=False, kind="stable").head(top)
+    columns = ["job", *swept_keys(table), *BEST_COLUMNS]
+    shown = done[columns].copy()
+    for metric in ("val_acc", "test_acc"):
+        shown[metric] = shown[metric].map("{:.4f}".format)
+    shown["train_seconds"] = shown["train_seconds"].map("{:.0f}".format)
+    return shown
+
+
+def swept_keys(table):
+    """Override keys whose value differs between the sweep's runs."""
+    keys = [c for c in table.columns if c not in ("job", "run_dir", *SUMMARY_COLUMNS)]
+    return [k for k in keys if table[k].nunique(dropna=False) > 1]
 
 
 def check_sweep_folder(cfg):

@@ -49,6 +49,15 @@ class InjectedFault(RuntimeError):
     """Raised on purpose through ``$NUMEXP_INJECT_FAULT`` (tests only)."""
 
 
+class StopSweep(BaseException):
+    """A multirun job's run failed under ``fail_fast=true``: stop the sweep.
+
+    A BaseException because Hydra's ``run_job`` keeps an ``Exception`` as the job's result and only
+    raises it after the whole batch of jobs has run; this one reaches the launcher at once (joblib
+    then stops the other workers) and :mod:`numexp.__main__` ends the sweep with its summary.
+    """
+
+
 @dataclass
 class Best:
     """The best-by-validation model so far (its state dict is kept in memory for restores)."""
@@ -146,12 +155,31 @@ def task(cfg):
 
     In a multirun the job returns normally even when its run failed, because Hydra 1.3 skips
     ``on_multirun_end`` (where ``runs.csv`` is written) once any job raised; the
-    :class:`numexp.callbacks.CollectRuns` callback sets the exit code instead.
+    :class:`numexp.callbacks.CollectRuns` callback sets the exit code instead. With
+    ``fail_fast=true`` a failed run raises :class:`StopSweep`, which ends the sweep.
+
+    Returns:
+        the run's summary; in a multirun under Optuna's sweeper (``hydra/sweeper=search``) the float
+        the study optimises instead: the run's ``val_acc``, or 0.0 for a run that did not complete
+        (failed, diverged) or has no validation split.
+
+    Note:
+        A run that did not complete scores 0.0, the worst accuracy, rather than failing its trial:
+        hydra-optuna-sweeper stops the whole sweep on a NaN objective, and on a job that raised
+        (unless ``max_failure_rate`` allows it), and Hydra then skips ``runs.csv``. 0.0 also steers
+        TPE away from a diverging lr; ``runs.csv`` keeps the run's real status.
     """
     _warnings_to_log()
     summary = train(cfg)
-    if summary["status"] != "completed" and HydraConfig.get().mode == RunMode.RUN:
+    hydra_cfg = HydraConfig.get()
+    if summary["status"] != "completed" and hydra_cfg.mode == RunMode.RUN:
         raise SystemExit(1)
+    if summary["status"] != "completed" and cfg.get("fail_fast"):
+        raise StopSweep(f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}) {summary['status']}: "
+                        f"{summary['error']}")
+    if hydra_cfg.mode == RunMode.MULTIRUN and str(hydra_cfg.sweeper.get("_target_")).endswith(".OptunaSweeper"):
+        completed = summary["status"] == "completed" and summary["val_acc"] is not None
+        return float(summary["val_acc"]) if completed else 0.0
     return summary
 
 
@@ -168,6 +196,7 @@ class Trainer:
         self.model.set_input_grad(False)  # nobody needs the gradient of the images
         self.batch_rng = np.random.default_rng(batch_seq)
         self.loss_fn, self.opt, self.schedule, self.augment = build_components(cfg, self.model)
+        self.opt.fuse_into_backward()  # every backward here is followed by a step
         self.best = Best()
         self.stopped_early = False
         self.epochs = planned_epochs(cfg)

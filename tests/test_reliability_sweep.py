@@ -51,6 +51,12 @@ def test_failing_and_diverging_jobs_do_not_take_the_sweep_down_and_resume_contin
     assert re.search(r"4 runs: 1 completed, 3 failed, diverged or incomplete", output)
     assert re.search(r"job \d \(lr=0.05 seed=1 [^)]*\) failed: InjectedFault: injected fault at epoch 2", output)
     assert len(re.findall(r"job \d \(lr=1000.0 seed=\d [^)]*\) diverged: loss became inf in epoch 1", output)) == 2
+    # ... shows the completed runs as a table with the swept keys as columns, and where runs.csv is
+    assert re.search(r"completed runs by val_acc:\n\s*job\s+lr\s+seed\s+val_acc\s+test_acc\s+best_epoch", output)
+    assert re.search(r"runs table: \S*runs.csv", output)
+    # numpy scalars never reach the terminal, the logs or the files as np.float64(...)
+    texts = [output, *(p.read_text() for p in sweep_dir.rglob("*") if p.suffix in (".log", ".json", ".csv", ".yaml"))]
+    assert not [t for t in texts if "np.float" in t or "np.int" in t]
     # the failing job's traceback is in its own log; the completed job's folder is whole
     failed_dir, done_dir = (sweep_dir / str(table.loc[key, "job"]) for key in ((0.05, 1), (0.05, 0)))
     assert "Traceback" in (failed_dir / "numexp.log").read_text()
@@ -103,6 +109,24 @@ def test_a_worker_killed_mid_job_stops_the_sweep_cleanly_and_resume_finishes_it(
     assert json.loads((killed / "summary.json").read_text())["resumed_from_epochs"] == [1]
     trainer.train(compose_cfg([*SMALL, "lr=0.05", "seed=1"]), out_dir=tmp_path / "uninterrupted")
     assert metrics_without_seconds(killed) == metrics_without_seconds(tmp_path / "uninterrupted")
+
+
+def test_fail_fast_stops_the_sweep_at_the_first_failure_and_still_writes_its_summary(run_cli, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = ["-m", *SMALL, "lr=0.05", "seed=range(0,8)", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}"]
+    proc = run_cli(*command, "fail_fast=true", env=cli_env(**{trainer.FAULT_ENV: "1:1@seed=0"}))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert re.fullmatch(r"numexp: error: job 0 \(.*seed=0.*\) failed: InjectedFault: injected fault at epoch 1, "
+                        r"step 1 \(\$NUMEXP_INJECT_FAULT\); fail_fast=true stops the sweep there; completed runs "
+                        r"are kept: run the same command with resume=true to continue the others",
+                        proc.stderr.strip().splitlines()[-1])
+    table = pd.read_csv(sweep_dir / "runs.csv").set_index("seed")
+    assert table.loc[0, "status"] == "failed"
+    assert (table["status"] == "completed").sum() < 7  # the sweep stopped: not every other run finished
+    # without fail_fast the same failure leaves the other seven runs to finish
+    rest = run_cli(*command[:-1], f"hydra.sweep.dir={tmp_path / 'all'}", env=cli_env(**{trainer.FAULT_ENV: "1:1@seed=0"}))
+    table = pd.read_csv(tmp_path / "all" / "runs.csv")
+    assert rest.returncode == 1 and (table["status"] == "completed").sum() == 7
 
 
 def test_24_job_sweep_on_2_workers_completes_and_matches_single_runs_bit_for_bit(run_cli, tmp_path, compose_cfg):
