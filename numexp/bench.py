@@ -9,11 +9,20 @@ framework goes first (OpenBLAS threads spin for a while after a call and slow wh
 next), and reports medians, the ratio numexp/torch, the achieved GFLOP/s against a plain
 float32 GEMM measured on the spot, and each framework's peak memory (in a fresh process).
 Without torch installed it reports numexp alone.
+
+Then, in separate instrumented rounds (so the instruments never touch the headline numbers), it
+times every top-level layer's forward and backward inside a training step, plus the loss and the
+optimizer step, for both frameworks: the next bottleneck is the largest row.
+
+Writes ``results/bench.csv``, ``results/bench_layers.csv`` and two charts beside them,
+``bench.png`` (train and eval ratio numexp/torch) and ``bench_layers.png`` (per-layer ms).
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -77,6 +86,7 @@ class NumexpRunner:
         self.model.set_input_grad(False)  # as torch, which needs no gradient for a plain input tensor
         self.loss = losses.build("softmax")
         self.opt = optim.build("sgd", self.model, lr=1e-3)
+        self.opt.fuse_into_backward()  # as the trainer does: large Linear layers update inside backward
 
     def train_step(self, x, y):
         self.model.train()
@@ -124,8 +134,198 @@ def time_rounds(runners, rounds, steps, pause):
     return {label: float(np.median(v)) for label, v in times.items()}
 
 
-def bench_model(name, threads, rounds, steps, pause, use_torch):
-    """One row per framework: train and eval images/s for ``name`` at ``threads`` threads."""
+# --------------------------------------------------------------------------- per-layer times
+
+class StepTimes:
+    """Seconds spent per (layer, direction) in each training step; medians over the steps in ms."""
+
+    def __init__(self):
+        self.steps = []
+        self.current = {}
+
+    def add(self, layer, direction, seconds):
+        key = (layer, direction)
+        self.current[key] = self.current.get(key, 0.0) + seconds
+
+    def end_step(self):
+        """Close the step; the part of its ("step", "total") no other key covers becomes
+        ("other", "between layers"): the loops and calls around the layers."""
+        total = self.current.get(("step", "total"))
+        if total is not None:
+            timed = sum(v for k, v in self.current.items() if k != ("step", "total"))
+            self.current[("other", "between layers")] = max(total - timed, 0.0)
+        self.steps.append(self.current)
+        self.current = {}
+
+    def reset(self):
+        self.steps, self.current = [], {}
+
+    def medians_ms(self):
+        """Median ms of every key seen in any step (0 in a step that skipped it)."""
+        keys = {key for step in self.steps for key in step}
+        return {key: 1000 * float(np.median([step.get(key, 0.0) for step in self.steps])) for key in keys}
+
+
+class NumexpLayerClock:
+    """Context manager timing each top-level layer's forward and backward inside numexp training steps.
+
+    Each layer's ``forward``/``backward`` is shadowed by a timed instance attribute (Sequential calls
+    ``layer.forward``), so the times partition the step: nothing runs between layers but a loop.
+    """
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.times = StepTimes()
+        self._saved = []
+
+    def __enter__(self):
+        for name, layer in self.runner.model.children():
+            for direction in ("forward", "backward"):
+                self._saved.append((layer, direction, vars(layer).get(direction)))
+                setattr(layer, direction, self._timed(name, direction, getattr(layer, direction)))
+        return self
+
+    def __exit__(self, *exc):
+        for layer, direction, before in self._saved:
+            if before is None:
+                del vars(layer)[direction]
+            else:
+                setattr(layer, direction, before)
+        self._saved = []
+
+    def _timed(self, name, direction, method):
+        def timed(arg):
+            t = time.perf_counter()
+            out = method(arg)
+            self.times.add(name, direction, time.perf_counter() - t)
+            return out
+        return timed
+
+    def train_step(self, x, y):
+        """The runner's training step, with the loss, the optimizer and the whole step timed too."""
+        r = self.runner
+        r.model.train()
+        t0 = time.perf_counter()
+        scores = r.model(x)
+        t1 = time.perf_counter()
+        _, dscores = r.loss(scores, y)  # numexp's loss returns its gradient in the same call
+        t2 = time.perf_counter()
+        r.model.backward(dscores)
+        t3 = time.perf_counter()
+        r.opt.step()
+        t4 = time.perf_counter()
+        self.times.add("loss", "forward+backward", t2 - t1)
+        self.times.add("optimizer", "step", t4 - t3)
+        self.times.add("step", "total", t4 - t0)
+        self.times.end_step()
+
+
+class TorchLayerClock:
+    """Context manager timing each top-level module's forward and backward inside torch training steps.
+
+    Forward: forward pre-hook to forward hook. Backward: a hook on each module's output tensor fires
+    when its gradient is complete, just before the module's first backward node runs; CPU autograd
+    runs the nodes one at a time on the calling thread, and gives AccumulateGrad nodes top priority,
+    so the time from one module's mark to the next one's is that module's backward including its
+    weight-gradient accumulation. Unlike torch.profiler this adds no per-op overhead and needs no
+    mapping from autograd nodes back to modules; the marks partition the backward call exactly.
+    """
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.times = StepTimes()
+        self._handles = []
+        self._started = {}
+        self._marks = []
+
+    def __enter__(self):
+        for name, module in self.runner.model.named_children():
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+            self._handles.append(module.register_forward_hook(self._post_hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre_hook(self, name):
+        def hook(module, args):
+            self._started[name] = time.perf_counter()
+        return hook
+
+    def _post_hook(self, name):
+        def hook(module, args, output):
+            self.times.add(name, "forward", time.perf_counter() - self._started.pop(name))
+            # a module that hands back its input (Dropout(0)) has no backward of its own to mark
+            if output.requires_grad and not any(output is a for a in args):
+                output.register_hook(lambda grad: self._marks.append((name, time.perf_counter())))
+        return hook
+
+    def train_step(self, x, y):
+        """The runner's training step, with the loss, the optimizer and the whole step timed too."""
+        r = self.runner
+        r.model.train()
+        t0 = time.perf_counter()
+        r.opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        scores = r.model(x)
+        t2 = time.perf_counter()
+        loss = r.loss(scores, y)
+        t3 = time.perf_counter()
+        self._marks = []
+        loss.backward()
+        t4 = time.perf_counter()
+        r.opt.step()
+        t5 = time.perf_counter()
+        self.times.add("loss", "forward+backward", t3 - t2)
+        starts = [("loss", t3)] + self._marks  # each interval runs from its mark to the next one
+        ends = [t for _, t in self._marks] + [t4]
+        for (name, start), end in zip(starts, ends):
+            self.times.add(name, "forward+backward" if name == "loss" else "backward", end - start)
+        self.times.add("optimizer", "step", (t1 - t0) + (t5 - t4))  # zero_grad is optimizer bookkeeping
+        self.times.add("step", "total", t5 - t0)
+        self.times.end_step()
+
+
+def step_keys(model):
+    """(layer, direction) of every per-layer row, in the order a training step runs them."""
+    names = [name for name, _ in model.children()]
+    return ([(n, "forward") for n in names] + [("loss", "forward+backward")]
+            + [(n, "backward") for n in reversed(names)]
+            + [("optimizer", "step"), ("other", "between layers"), ("step", "total")])
+
+
+def time_layers(name, threads, clocks, rounds, steps, pause):
+    """Per-layer rows of one model: median ms per (layer, direction) over every instrumented step.
+
+    ``clocks`` maps a framework label to (clock, step function); the rounds alternate and pause as
+    the headline ones do.
+    """
+    with contextlib.ExitStack() as stack:
+        for clock, _ in clocks.values():
+            stack.enter_context(clock)
+        runners = [(label, fn) for label, (_, fn) in clocks.items()]
+        for _, fn in runners:  # warm-up: the hooks' first calls
+            fn()
+        for clock, _ in clocks.values():
+            clock.times.reset()
+        time_rounds(runners, rounds, steps, pause)
+    medians = {label: clock.times.medians_ms() for label, (clock, _) in clocks.items()}
+    numexp_model = clocks["numexp"][0].runner.model
+    nan = float("nan")
+    fused = {n for n, layer in numexp_model.children() if getattr(layer, "fused_update", None) is not None}
+    return [dict(model=name, threads=threads, layer=layer, direction=direction,
+                 numexp_ms=medians["numexp"].get((layer, direction), nan),
+                 torch_ms=medians.get("torch", {}).get((layer, direction), nan),
+                 note=f"numexp's {layer} backward includes its SGD weight update (fused), the optimizer "
+                      f"row does not" if layer in fused and direction == "backward" else "")
+            for layer, direction in step_keys(numexp_model)]
+
+
+def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True):
+    """Rows for ``name`` at ``threads`` threads: one per framework (train and eval images/s) and,
+    with ``layers``, one per (layer, direction) of a training step (see :func:`time_layers`)."""
     spec = BENCH_MODELS[name]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH,) + spec["in_shape"], dtype=np.float32)
@@ -133,6 +333,8 @@ def bench_model(name, threads, rounds, steps, pause, use_torch):
     ours = NumexpRunner(name, spec, rng)
     train = [("numexp", lambda: ours.train_step(x, y))]
     evals = [("numexp", lambda: ours.eval_step(x))]
+    numexp_clock = NumexpLayerClock(ours)
+    clocks = {"numexp": (numexp_clock, lambda: numexp_clock.train_step(x, y))}
     if use_torch:
         import torch
         torch.set_num_threads(threads)
@@ -140,16 +342,21 @@ def bench_model(name, threads, rounds, steps, pause, use_torch):
         tx, ty = torch.from_numpy(x), torch.from_numpy(y)
         train.append(("torch", lambda: theirs.train_step(tx, ty)))
         evals.append(("torch", lambda: theirs.eval_step(tx)))
+        torch_clock = TorchLayerClock(theirs)
+        clocks["torch"] = (torch_clock, lambda: torch_clock.train_step(tx, ty))
     with threadpool_limits(threads):
         for _, fn in train + evals:  # warm-up: first calls allocate and load kernels
             fn(), fn()
         train_s = time_rounds(train, rounds, steps, pause)
         eval_s = time_rounds(evals, rounds, steps, pause)
+        # after the headline rounds, so the instruments never touch the throughput numbers
+        layer_rows = time_layers(name, threads, clocks, rounds, steps, pause) if layers else []
     flops = step_flops(ours.model, BATCH)
-    return [dict(model=name, threads=threads, framework=label,
+    rows = [dict(model=name, threads=threads, framework=label,
                  train_img_s=BATCH / train_s[label], eval_img_s=BATCH / eval_s[label],
                  train_ms=1000 * train_s[label], train_gflop_s=flops / train_s[label] / 1e9)
             for label in train_s]
+    return rows, layer_rows
 
 
 def peak_memory_mb(framework, name, threads, steps=10):
@@ -187,6 +394,30 @@ def memory_probe(framework, name, threads, steps):
     print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - base) / 1024}))
 
 
+def output_paths(out):
+    """The files written beside the ``--out`` CSV: per-layer CSV and the two charts."""
+    stem = os.path.splitext(out)[0]
+    return dict(csv=out, layers_csv=f"{stem}_layers.csv", png=f"{stem}.png", layers_png=f"{stem}_layers.png")
+
+
+def machine_description(use_torch):
+    """CPU, cores, BLAS kernels and library versions: what a quoted table needs beside it."""
+    from threadpoolctl import threadpool_info
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    parts = [cpu, f"{os.cpu_count()} CPUs", f"numpy {np.__version__}"]
+    parts += [f"{i['internal_api']} {i.get('version') or ''} {i.get('architecture') or ''}".strip()
+              for i in threadpool_info() if i["user_api"] == "blas"]
+    if use_torch:
+        import torch
+        parts.append(f"torch {torch.__version__}")
+    return ", ".join(parts)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m numexp.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=list(BENCH_MODELS))
@@ -196,7 +427,10 @@ def main(argv=None):
     parser.add_argument("--pause", type=float, default=0.3, help="seconds of rest before each round")
     parser.add_argument("--no-torch", action="store_true", help="time numexp alone")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
-    parser.add_argument("--out", default="results/bench.csv", help="CSV file for the table")
+    parser.add_argument("--no-layers", action="store_true", help="skip the per-layer rounds and table")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG charts")
+    parser.add_argument("--out", default="results/bench.csv",
+                        help="CSV file for the table; the per-layer CSV and the PNGs go beside it")
     parser.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -206,25 +440,40 @@ def main(argv=None):
     use_torch = have_torch() and not args.no_torch
     if not use_torch and not args.no_torch:
         print("PyTorch is not installed: reporting numexp alone (pip install -e '.[test]' for the comparison)")
-    rows = []
+    machine = machine_description(use_torch)
+    print(f"machine: {machine}")
+    rows, layer_rows = [], []
     for threads in args.threads:
         gemm = gemm_gflops(threads)
         print(f"float32 GEMM 64x4096x3072 at {threads} thread(s): {gemm:.1f} GFLOP/s")
         for name in args.models:
-            for row in bench_model(name, threads, args.rounds, args.steps, args.pause, use_torch):
+            model_rows, model_layer_rows = bench_model(name, threads, args.rounds, args.steps, args.pause,
+                                                       use_torch, layers=not args.no_layers)
+            for row in model_rows:
                 row["gemm_gflop_s"] = gemm
                 row["gemm_share"] = row["train_gflop_s"] / gemm
                 if not args.no_memory:
                     row["peak_mb"] = peak_memory_mb(row["framework"], name, threads)
+                row["machine"] = machine
                 rows.append(row)
+            layer_rows += model_layer_rows
     add_ratios(rows)
     print_table(rows)
-    write_csv(rows, args.out)
-    print(f"wrote {args.out}")
+    if layer_rows:
+        print_layer_table(layer_rows, steps=args.rounds * args.steps)
+    paths = output_paths(args.out)
+    written = [write_csv(rows, paths["csv"])]
+    if layer_rows:
+        written.append(write_csv(layer_rows, paths["layers_csv"], LAYER_COLUMNS))
+    if not args.no_plots:
+        written.append(plot_ratios(rows, paths["png"]))
+        if layer_rows:
+            written.append(plot_layers(layer_rows, paths["layers_png"]))
+    print("wrote " + ", ".join(written))
 
 
 def add_ratios(rows):
-    """numexp's train/eval ratio to torch on the same model and thread count (1.0 where torch is absent)."""
+    """numexp's train/eval ratio to torch on the same model and thread count (NaN where torch is absent)."""
     torch_rows = {(r["model"], r["threads"]): r for r in rows if r["framework"] == "torch"}
     for r in rows:
         ref = torch_rows.get((r["model"], r["threads"]))
@@ -232,27 +481,161 @@ def add_ratios(rows):
         r["eval_vs_torch"] = r["eval_img_s"] / ref["eval_img_s"] if ref else float("nan")
 
 
+# new columns go at the end: scripts and the README read these by name and position
 COLUMNS = ["model", "threads", "framework", "train_img_s", "eval_img_s", "train_ms", "train_gflop_s",
-           "gemm_gflop_s", "gemm_share", "peak_mb", "train_vs_torch", "eval_vs_torch"]
+           "gemm_gflop_s", "gemm_share", "peak_mb", "train_vs_torch", "eval_vs_torch", "machine"]
+LAYER_COLUMNS = ["model", "threads", "layer", "direction", "numexp_ms", "torch_ms"]
 
 
 def print_table(rows):
-    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    cols = [c for c in COLUMNS if c != "machine" and any(c in r for r in rows)]  # machine: printed once
     print(" ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print(" ".join(f"{r[c]:>14.2f}" if isinstance(r.get(c), float) else f"{str(r.get(c, '')):>14}" for c in cols))
 
 
-def write_csv(rows, path):
+def _ms(value):
+    return f"{value:9.3f}" if np.isfinite(value) else f"{'-':>9}"
+
+
+def _share(part, whole):
+    return f"{100 * part / whole:6.1f}%" if np.isfinite(part) and whole > 0 else f"{'':>7}"
+
+
+def print_layer_table(layer_rows, steps):
+    """One block per model and thread count: ms per layer and direction, its share of the step, the ratio."""
+    for (model, threads), block in _group(layer_rows, ("model", "threads")).items():
+        total = next(r for r in block if r["layer"] == "step")
+        parts = [r for r in block if r["layer"] != "step"]
+        sums = dict(layer="(sum of rows)", direction="", numexp_ms=_finite_sum(r["numexp_ms"] for r in parts),
+                    torch_ms=_finite_sum(r["torch_ms"] for r in parts))
+        print(f"\n{model}, {threads} thread(s): per-layer ms, median of {steps} instrumented steps")
+        print(f"{'layer':<12}{'direction':<18}{'numexp':>9}{'share':>8}{'torch':>9}{'share':>8}{'numexp/torch':>14}")
+        for r in parts + [sums, total]:
+            ratio = r["numexp_ms"] / r["torch_ms"] if r["torch_ms"] > 0 else float("nan")
+            print(f"{r['layer']:<12}{r['direction']:<18}"
+                  f"{_ms(r['numexp_ms'])}{_share(r['numexp_ms'], total['numexp_ms'])}"
+                  f"{_ms(r['torch_ms'])}{_share(r['torch_ms'], total['torch_ms'])}"
+                  f"{(f'{ratio:14.2f}' if np.isfinite(ratio) else ''):>14}")
+        for r in block:
+            if r.get("note"):
+                print(f"note: {r['note']}")
+        for framework in ("numexp", "torch"):
+            key = f"{framework}_ms"
+            # each step is partitioned exactly ("other" is the rest), so medians that do not add up
+            # mean the steps themselves varied
+            if np.isfinite(total[key]) and abs(sums[key] - total[key]) > 0.1 * total[key]:
+                print(f"note: {framework}'s row medians add up to {100 * sums[key] / total[key]:.0f}% of its "
+                      f"median step: step times varied (a busy machine?); repeat on a quiet one")
+
+
+def _finite_sum(values):
+    """Sum of the finite values; NaN when there are none (a framework that was not measured)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(sum(finite)) if finite else float("nan")
+
+
+def _group(rows, keys):
+    """Rows grouped by the values of ``keys``, in first-seen order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
+def write_csv(rows, path, columns=COLUMNS):
+    """Write the ``columns`` present in ``rows`` to ``path`` (floats to 4 significant digits); returns ``path``."""
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    cols = [c for c in columns if any(c in r for r in rows)]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({c: (f"{r[c]:.4g}" if isinstance(r.get(c), float) else r.get(c)) for c in cols})
+    return path
+
+
+# --------------------------------------------------------------------------- charts
+
+def _figure(width, height):
+    """A matplotlib Figure on the Agg canvas, without pyplot's global state or an interactive backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path):
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.tight_layout()
+    # no Software/date entries: the same numbers give the same bytes
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    return path
+
+
+def plot_ratios(rows, path):
+    """Bar chart of numexp/torch train and eval images/s per model and thread count, line at 1.0;
+    numexp's images/s instead when torch was not measured. Returns ``path``."""
+    ours = [r for r in rows if r["framework"] == "numexp"]
+    labels = [f"{r['model']}\n{r['threads']} thread{'s' if r['threads'] > 1 else ''}" for r in ours]
+    with_torch = any(np.isfinite(r["train_vs_torch"]) for r in ours)
+    keys = ("train_vs_torch", "eval_vs_torch") if with_torch else ("train_img_s", "eval_img_s")
+    fig = _figure(max(6.0, 1.3 * len(ours) + 2), 4.5)
+    ax = fig.add_subplot()
+    x, width = np.arange(len(ours)), 0.38
+    for offset, key, label in ((-width / 2, keys[0], "train"), (width / 2, keys[1], "eval")):
+        values = [r[key] for r in ours]
+        bars = ax.bar(x + offset, values, width, label=label)
+        ax.bar_label(bars, fmt="%.2f" if with_torch else "%.0f", fontsize=8)
+    if with_torch:
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_ylabel("images/s, numexp / torch")
+        ax.set_title("numexp vs PyTorch (above 1: numexp faster), batch 64")
+    else:
+        ax.set_ylabel("numexp images/s")
+        ax.set_title("numexp images/s, batch 64 (PyTorch not measured: no ratio)")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_layers(layer_rows, path):
+    """Per-layer ms of a training step, numexp beside torch, forward and backward stacked, one panel per
+    model at the highest thread count measured. Returns ``path``."""
+    top = max(r["threads"] for r in layer_rows)
+    blocks = _group([r for r in layer_rows if r["threads"] == top], ("model",))
+    with_torch = any(np.isfinite(r["torch_ms"]) for r in layer_rows)
+    fig = _figure(11, 3.6 * len(blocks))
+    for i, ((model,), block) in enumerate(blocks.items()):
+        ax = fig.add_subplot(len(blocks), 1, i + 1)
+        names = list(dict.fromkeys(r["layer"] for r in block if r["layer"] not in ("step", "other")))
+        x, width = np.arange(len(names)), 0.38 if with_torch else 0.6
+        frameworks = [("numexp", "C0")] + ([("torch", "C1")] if with_torch else [])
+        for j, (framework, color) in enumerate(frameworks):
+            first, backward = _layer_bars(block, names, f"{framework}_ms")
+            offset = (j - (len(frameworks) - 1) / 2) * width
+            ax.bar(x + offset, first, width, color=color, label=f"{framework} forward (loss, optimizer: all)")
+            ax.bar(x + offset, backward, width, bottom=first, color=color, alpha=0.45,
+                   label=f"{framework} backward")
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("ms per step")
+        ax.set_title(f"{model}, {top} thread{'s' if top > 1 else ''}: time per layer in a training step")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _layer_bars(block, names, column):
+    """Per name: the forward (or whole loss/optimizer) ms and the backward ms, missing ones as 0."""
+    value = {(r["layer"], r["direction"]): r[column] for r in block}
+    first = [value.get((n, "forward"), value.get((n, "forward+backward"), value.get((n, "step"), 0.0)))
+             for n in names]
+    backward = [value.get((n, "backward"), 0.0) for n in names]
+    return np.nan_to_num(first), np.nan_to_num(backward)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""``python -m numexp.bench`` in miniature: the files it writes and their structure, never its timings."""
+import csv
+import math
+import struct
+
+import numpy as np
+import pytest
+
+from numexp import bench
+
+MODEL = "simple_convnet"  # the cheapest bench model: a tiny run takes well under a second
+TINY = ["--models", MODEL, "--threads", "1", "--rounds", "1", "--steps", "1", "--pause", "0", "--no-memory"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def run_bench(tmp_path, monkeypatch):
+    """``run_bench(*extra_args)``: bench.main with the tiny settings, writing into ``tmp_path``; returns it."""
+    # the on-the-spot GEMM multiplies 50 MB matrices 21 times; its value plays no part in the structure
+    monkeypatch.setattr(bench, "gemm_gflops", lambda threads: 100.0)
+    torch = _torch_or_none()
+    threads_before = torch.get_num_threads() if torch else None
+
+    def _run(*extra):
+        bench.main(TINY + ["--out", str(tmp_path / "bench.csv"), *extra])
+        return tmp_path
+
+    yield _run
+    if torch:  # the bench sets torch's global thread count; later tests should not inherit it
+        torch.set_num_threads(threads_before)
+
+
+def _torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def png_chunks(path):
+    """Chunk types of a PNG file, checking the signature and each chunk's length on the way."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    chunks, pos = [], 8
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunks.append(kind.decode("ascii"))
+        pos += 12 + length
+    assert pos == len(data)
+    return chunks
+
+
+def assert_valid_png(path):
+    chunks = png_chunks(path)
+    assert chunks[0] == "IHDR" and chunks[-1] == "IEND" and "IDAT" in chunks
+    assert "tIME" not in chunks and "tEXt" not in chunks  # no timestamp or software stamp: reproducible bytes
+
+
+def expected_layer_keys():
+    """(layer, direction) of every per-layer row the tiny model must get."""
+    model = bench.NumexpRunner(MODEL, bench.BENCH_MODELS[MODEL], np.random.default_rng(0)).model
+    names = [name for name, _ in model.children()]
+    keys = {(n, d) for n in names for d in ("forward", "backward")}
+    return keys | {("loss", "forward+backward"), ("optimizer", "step"), ("other", "between layers"),
+                   ("step", "total")}
+
+
+def test_with_torch_writes_both_tables_and_charts(run_bench, capsys):
+    pytest.importorskip("torch")
+    out = run_bench()
+
+    columns, rows = read_csv(out / "bench.csv")
+    assert columns == ["model", "threads", "framework", "train_img_s", "eval_img_s", "train_ms", "train_gflop_s",
+                       "gemm_gflop_s", "gemm_share", "train_vs_torch", "eval_vs_torch", "machine"]
+    assert [(r["model"], r["threads"], r["framework"]) for r in rows] == [(MODEL, "1", "numexp"), (MODEL, "1", "torch")]
+    assert all(math.isfinite(float(r["train_vs_torch"])) for r in rows)
+
+    columns, layer_rows = read_csv(out / "bench_layers.csv")
+    assert columns == ["model", "threads", "layer", "direction", "numexp_ms", "torch_ms"]
+    assert {(r["layer"], r["direction"]) for r in layer_rows} == expected_layer_keys()
+    assert len(layer_rows) == len(expected_layer_keys())
+    assert all(r["model"] == MODEL and r["threads"] == "1" for r in layer_rows)
+    for r in layer_rows:  # every row measured in both frameworks (values not judged)
+        assert math.isfinite(float(r["numexp_ms"])) and math.isfinite(float(r["torch_ms"])), r
+
+    assert_valid_png(out / "bench.png")
+    assert_valid_png(out / "bench_layers.png")
+    printed = capsys.readouterr().out
+    assert f"{MODEL}, 1 thread(s): per-layer ms" in printed
+    assert "(sum of rows)" in printed and "machine: " in printed
+
+
+def test_without_torch_reports_numexp_alone(run_bench, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "have_torch", lambda: False)
+    out = run_bench()
+
+    _, rows = read_csv(out / "bench.csv")
+    assert [r["framework"] for r in rows] == ["numexp"]
+    assert math.isnan(float(rows[0]["train_vs_torch"])) and math.isnan(float(rows[0]["eval_vs_torch"]))
+    _, layer_rows = read_csv(out / "bench_layers.csv")
+    assert {(r["layer"], r["direction"]) for r in layer_rows} == expected_layer_keys()
+    assert all(math.isfinite(float(r["numexp_ms"])) and math.isnan(float(r["torch_ms"])) for r in layer_rows)
+    assert_valid_png(out / "bench.png")
+    assert_valid_png(out / "bench_layers.png")
+    assert "PyTorch is not installed" in capsys.readouterr().out
+
+
+def test_no_layers_and_no_plots_write_only_the_main_table(run_bench):
+    out = run_bench("--no-torch", "--no-layers", "--no-plots")
+    assert sorted(p.name for p in out.iterdir()) == ["bench.csv"]
+
+
+def test_numexp_clock_leaves_the_model_as_it_found_it():
+    runner = bench.NumexpRunner(MODEL, bench.BENCH_MODELS[MODEL], np.random.default_rng(0))
+    x = np.zeros((2,) + bench.BENCH_MODELS[MODEL]["in_shape"], dtype=np.float32)
+    with bench.NumexpLayerClock(runner) as clock:
+        clock.train_step(x, np.array([0, 1]))
+    assert len(clock.times.steps) == 1
+    for _, layer in runner.model.children():
+        assert "forward" not in vars(layer) and "backward" not in vars(layer)
+
+
+def test_torch_clock_removes_its_hooks():
+    pytest.importorskip("torch")
+    import torch
+    runner = bench.NumexpRunner(MODEL, bench.BENCH_MODELS[MODEL], np.random.default_rng(0))
+    theirs = bench.TorchRunner(runner.model)
+    x = torch.zeros((2,) + bench.BENCH_MODELS[MODEL]["in_shape"])
+    with bench.TorchLayerClock(theirs) as clock:
+        clock.train_step(x, torch.tensor([0, 1]))
+    assert {key for key in clock.times.steps[0]} == expected_layer_keys()
+    for module in theirs.model.children():
+        assert not module._forward_hooks and not module._forward_pre_hooks
