@@ -76,7 +76,7 @@ def test_every_promised_file_is_written_and_linked_from_the_readme(reports):
     index = (reports / "README.md").read_text()
     for name, files in FILES.items():
         folder = reports / name
-        assert {p.name for p in folder.iterdir()} == files
+        assert {p.name for p in folder.iterdir()} == files | {"runs"}
         readme = (folder / "README.md").read_text()
         for f in files - {"README.md"}:
             assert f"({f})" in readme, f"{name}/README.md does not link {f}"
@@ -105,6 +105,25 @@ def test_regeneration_gives_identical_bytes(tree, reports, tmp_path):
     # and a fresh folder gets the same files: nothing depends on the output location
     generate(tree, tmp_path / "again")
     assert snapshot(tmp_path / "again") == before
+
+
+def test_a_report_keeps_its_runs_small_files_and_regenerates_from_them_alone(tree, reports, tmp_path):
+    kept = reports / "svm_vs_softmax" / "runs"
+    files = [p.relative_to(kept).as_posix() for p in sorted(kept.rglob("*")) if p.is_file()]
+    runs_kept = {f.rsplit("/", 1)[0].removesuffix("/.hydra") for f in files}
+    assert len(runs_kept) == len(pd.read_csv(reports / "svm_vs_softmax" / "runs.csv"))
+    assert {f.rsplit("/", 1)[-1] for f in files} <= {"config.yaml", "overrides.yaml", "metrics.csv", "summary.json",
+                                                     "confusion.csv", "status.json", "numexp.log"}
+    assert not list(kept.rglob("*.npz"))
+    # the README names the copies, relative to itself
+    readme = (reports / "svm_vs_softmax" / "README.md").read_text()
+    assert all(f"`runs/{run}`" in readme for run in runs_kept if "/svm/" not in f"/{run}/") or "runs/svm" in readme
+    # the report folders alone (no results/, elsewhere) give the same report again, byte for byte
+    moved = tmp_path / "moved"
+    shutil.copytree(reports, moved)
+    with cwd(tmp_path):
+        report.write_reports(None, [moved.name], moved.name, index=True)
+    assert snapshot(moved) == snapshot(reports)
 
 
 # --------------------------------------------------------------------------- numbers
@@ -157,10 +176,10 @@ def test_svm_vs_softmax_readme_states_seed_numbers_protocol_and_a_computed_verdi
 def test_failed_runs_are_listed_and_a_repeat_is_superseded(reports):
     readme = (reports / "svm_vs_softmax" / "README.md").read_text()
     runs_section = readme.split("## Runs")[1]
-    failed_line = next(line for line in runs_section.splitlines() if "results/edge/failed" in line)
+    failed_line = next(line for line in runs_section.splitlines() if "runs/edge/failed" in line)
     assert "| failed |" in failed_line and FAILED_ERROR.splitlines()[0].replace("|", "\\|") in failed_line
     superseded = runs_section.split("Superseded")[1]
-    assert "`results/edge/incomplete` | incomplete" in superseded
+    assert "`runs/edge/incomplete` | incomplete" in superseded
     table = pd.read_csv(reports / "svm_vs_softmax" / "runs.csv")
     assert len(table) == 8 and sorted(table["status"].unique()) == ["completed", "failed", "incomplete"]
 
@@ -200,7 +219,8 @@ def test_confusion_matrix_is_the_best_runs_test_accuracy(tree, reports):
     matrix = pd.read_csv(reports / "svm_vs_softmax" / "confusion_matrix.csv", index_col=0).to_numpy()
     assert matrix.shape == (10, 10) and matrix.sum() == 359  # the digits test split
     assert np.trace(matrix) / matrix.sum() == pytest.approx(best["test_acc"], abs=1e-12)
-    assert f"`{best['run_dir']}`" in (reports / "svm_vs_softmax" / "README.md").read_text()
+    archived = "runs/" + "/".join(best["run_dir"].split("/")[-2:])  # the report's copy of the run
+    assert f"`{archived}`" in (reports / "svm_vs_softmax" / "README.md").read_text()
 
 
 def test_confusion_matrix_is_skipped_with_a_note_without_a_checkpoint(tree, tmp_path):
@@ -214,8 +234,8 @@ def test_confusion_matrix_is_skipped_with_a_note_without_a_checkpoint(tree, tmp_
     readme = (out / "lr_schedule" / "README.md").read_text()
     assert "Skipped: the run folder has no checkpoint.npz" in readme
     # the stale figure of the earlier report is gone, the other files are rewritten
-    assert {p.name for p in (out / "lr_schedule").iterdir()} == FILES["lr_schedule"] - {"confusion.png",
-                                                                                         "confusion_matrix.csv"}
+    assert {p.name for p in (out / "lr_schedule").iterdir()} == FILES["lr_schedule"] - {
+        "confusion.png", "confusion_matrix.csv"} | {"runs"}
 
 
 def test_cli_all_writes_the_index_and_names_missing_experiments(tree, tmp_path):
