@@ -406,21 +406,26 @@ class MaxPool2d(_Pool2d):
         x, out = self._cache
         _, _, out_h, out_w = out.shape
         k, s = self.kernel_size, self.stride
-        dx = np.zeros_like(x)
-        taken = None
-        for (i, j), view in kernels.window_taps(x, k, k, s, out_h, out_w):
-            winner = view == out
-            if taken is None:
-                taken = winner
+        # windows that tile the input exactly write every element of dx once: no zero fill needed
+        tiled = s == k and x.shape[2] == k * out_h and x.shape[3] == k * out_w
+        dx = np.empty_like(x) if tiled else np.zeros_like(x)
+        taken, winner = np.empty(out.shape, dtype=bool), np.empty(out.shape, dtype=bool)
+        taps = list(kernels.window_taps(x, k, k, s, out_h, out_w))
+        for t, ((i, j), view) in enumerate(taps):
+            np.equal(view, out, out=winner)
+            if t == 0:
+                taken, winner = winner, taken
+                first = taken
             else:
                 np.greater(winner, taken, out=winner)  # winner and not taken: the first maximum wins
-                taken |= winner
-            grad = dout * winner
+                if t + 1 < len(taps):
+                    taken |= winner
+                first = winner
             where = kernels.tap_slice(i, j, s, out_h, out_w)
-            if s >= k:  # windows do not overlap: each input gets at most one gradient
-                dx[where] = grad
+            if s >= k:  # windows do not overlap: each input gets at most one gradient, written in place
+                np.multiply(dout, first, out=dx[where])
             else:
-                dx[where] += grad
+                dx[where] += dout * first
         return dx
 
 

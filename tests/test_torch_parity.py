@@ -171,6 +171,16 @@ def test_maxpool2d_matches_torch_including_overlapping_windows(k, stride):
     check_forward_backward(layer, as_torch(layer), distinct_values(rng, (2, 3, 7, 9)), rng, "MaxPool2d")
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 7, 9)], ids=["tiled", "floor-mode"])
+@pytest.mark.parametrize("k,stride", [(2, 2), (3, 2), (2, 1)])
+def test_maxpool2d_ties_send_the_gradient_to_the_first_maximum_as_torch(shape, k, stride):
+    """Few distinct values (ReLU zeros, repeats), so most windows hold their maximum more than once."""
+    rng = np.random.default_rng(5)
+    layer = nn.MaxPool2d(k, stride)
+    x = np.maximum(rng.integers(-2, 3, size=shape), 0).astype(np.float64)
+    check_forward_backward(layer, as_torch(layer), x, rng, "MaxPool2d with ties")
+
+
 @pytest.mark.parametrize("k,stride", [(2, 2), (3, 2), (3, 1), (2, None)])
 def test_avgpool2d_matches_torch(k, stride):
     rng = np.random.default_rng(3)
