@@ -283,8 +283,10 @@ class Conv2d(Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding: as torch (square kernels).
         bias: add a learnable bias per output channel.
-        method: ``"im2col"`` (fast: one strided unfold and one GEMM) or ``"naive"``
-            (loops over output pixels; the reference for tests).
+        method: ``"auto"`` (``"taps"`` for one input channel, else ``"im2col"``), ``"im2col"``
+            (one strided unfold into channels-last rows and one GEMM), ``"taps"`` (the unfold
+            transposed, (C*k*k, N*H_out*W_out): far cheaper to build with few input channels) or
+            ``"naive"`` (loops over output pixels; the reference for tests).
 
     Shape:
         x: (N, C_in, H, W) -> out: (N, C_out, H_out, W_out),
@@ -297,10 +299,12 @@ class Conv2d(Module):
     reg_keys = ("weight",)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 method="im2col", rng=None):
+                 method="auto", rng=None):
         super().__init__()
-        if method not in ("im2col", "naive"):
-            raise ValueError(f"Conv2d method must be 'im2col' or 'naive', got {method!r}")
+        if method not in ("auto", "im2col", "taps", "naive"):
+            raise ValueError(f"Conv2d method must be 'auto', 'im2col', 'taps' or 'naive', got {method!r}")
+        if method == "auto":
+            method = "taps" if in_channels == 1 else "im2col"
         rng = rng if rng is not None else np.random.default_rng()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.method = kernel_size, stride, padding, method
@@ -316,6 +320,8 @@ class Conv2d(Module):
         if self.method == "naive":
             self._cache = x
             return kernels.conv2d_naive(x, w, b, self.stride, self.padding)
+        if self.method == "taps":
+            return self._forward_taps(x, w, b)
         N, _, H, W = x.shape
         k, s, p, F = self.kernel_size, self.stride, self.padding, self.out_channels
         out_h, out_w = kernels.conv_output_size(H, k, s, p), kernels.conv_output_size(W, k, s, p)
@@ -335,6 +341,8 @@ class Conv2d(Module):
             if "bias" in self.params:
                 self.grads["bias"] = db
             return dx
+        if self.method == "taps":
+            return self._backward_taps(dout, w)
         x_shape, col, w_rows = self._cache
         F, k = self.out_channels, self.kernel_size
         d2 = kernels.channels_last(dout).reshape(-1, F)  # rows (n, oh, ow) like col; free for our own outputs
@@ -347,6 +355,30 @@ class Conv2d(Module):
         # one batched GEMM straight into the tap-major layout col2im adds from
         w_taps = w_rows.reshape(F, k * k, -1).transpose(1, 0, 2)  # (k*k, F, C)
         return kernels.col2im(np.matmul(d2, w_taps), x_shape, k, k, self.stride, self.padding)
+
+    def _forward_taps(self, x, w, b):
+        """The ``"taps"`` method: out = w (F, C*k*k) @ col (C*k*k, M), channel-major memory."""
+        N, _, H, W = x.shape
+        k, s, p, F = self.kernel_size, self.stride, self.padding, self.out_channels
+        out_h, out_w = kernels.conv_output_size(H, k, s, p), kernels.conv_output_size(W, k, s, p)
+        col = kernels.im2col_taps(x, k, k, s, p)
+        out = w.reshape(F, -1) @ col  # (F, N*out_h*out_w)
+        if b is not None:
+            out += b[:, None]
+        self._cache = (x.shape, col)
+        return out.reshape(F, N, out_h, out_w).transpose(1, 0, 2, 3)
+
+    def _backward_taps(self, dout, w):
+        x_shape, col = self._cache
+        F = self.out_channels
+        d_rows = dout.transpose(1, 0, 2, 3).reshape(F, -1)  # free for our own channel-major outputs
+        self.grads["weight"] = (d_rows @ col.T).reshape(w.shape)
+        if "bias" in self.params:
+            self.grads["bias"] = d_rows @ np.ones(d_rows.shape[1], dtype=d_rows.dtype)
+        if not self.needs_input_grad:
+            return None
+        k = self.kernel_size
+        return kernels.col2im_taps(w.reshape(F, -1).T @ d_rows, x_shape, k, k, self.stride, self.padding)
 
     def output_shape(self, in_shape):
         C, H, W = in_shape

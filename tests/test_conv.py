@@ -15,10 +15,11 @@ CASES = [  # (shape, out_channels, kernel, stride, padding)
 ]
 
 
+@pytest.mark.parametrize("method", ["im2col", "taps"])
 @pytest.mark.parametrize("shape,f,k,stride,padding", CASES)
-def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, padding):
+def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, padding, method):
     rng = np.random.default_rng(0)
-    fast = nn.Conv2d(shape[1], f, k, stride, padding, rng=np.random.default_rng(1))
+    fast = nn.Conv2d(shape[1], f, k, stride, padding, method=method, rng=np.random.default_rng(1))
     naive = nn.Conv2d(shape[1], f, k, stride, padding, method="naive", rng=np.random.default_rng(1))
     x = rng.standard_normal(shape).astype(np.float32)
     out_fast, out_naive = fast(x), naive(x)
@@ -38,6 +39,19 @@ def test_col2im_is_the_adjoint_of_im2col():
     c = rng.standard_normal(col.shape)
     taps = c.reshape(len(c), 9, 3).transpose(1, 0, 2)  # the same numbers, tap-major (9, M, C)
     assert np.isclose(np.vdot(col, c), np.vdot(x, kernels.col2im(taps, x.shape, 3, 3, 2, 1)))
+
+
+def test_col2im_taps_is_the_adjoint_of_im2col_taps():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 7, 6))
+    col = kernels.im2col_taps(x, 3, 3, 2, 1)  # (9*C, M), rows (c, i, j)
+    c = rng.standard_normal(col.shape)
+    assert np.isclose(np.vdot(col, c), np.vdot(x, kernels.col2im_taps(c, x.shape, 3, 3, 2, 1)))
+    assert np.array_equal(col, kernels.im2col(x, 3, 3, 2, 1).reshape(-1, 3, 3, 3).transpose(3, 1, 2, 0).reshape(27, -1))
+
+
+def test_auto_method_unfolds_one_channel_inputs_into_columns():
+    assert nn.Conv2d(1, 6, 5).method == "taps" and nn.Conv2d(3, 6, 5).method == "im2col"
 
 
 def test_conv_keeps_float32():

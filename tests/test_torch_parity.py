@@ -152,7 +152,7 @@ CONV_CASES = [  # (input shape, out_channels, kernel, stride, padding, bias)
 ]
 
 
-@pytest.mark.parametrize("method", ["im2col", "naive"])
+@pytest.mark.parametrize("method", ["im2col", "taps", "naive"])
 @pytest.mark.parametrize("shape,f,k,stride,padding,bias", CONV_CASES,
                          ids=[f"{'x'.join(map(str, c[0]))}-f{c[1]}-k{c[2]}-s{c[3]}-p{c[4]}-{'bias' if c[5] else 'nobias'}"
                               for c in CONV_CASES])
