@@ -115,3 +115,37 @@ def test_training_step_never_leaves_float32(loss, optimizer):
     for name, p in list(model.named_params()) + list(model.named_buffers()):
         assert p.dtype == np.float32, name
     assert all(g.dtype == np.float32 for _, g in model.named_grads())
+
+
+def test_a_simplenet_training_step_allocates_no_parameter_sized_temporary():
+    """Regression guard for the hot path, counted in bytes rather than timed.
+
+    What one SimpleNet step (batch 64, plain SGD with reg, FC1's update fused into backward as the
+    trainer runs it) keeps for its backward pass is about 54 MB; its peak of new allocations is
+    about 78 MB. A float64 upcast of the activations, or a temporary the size of FC1's 12.6M
+    weights (48 MB, e.g. ``w -= lr * (g + reg * w)`` done whole), pushes it past the 96 MB bound.
+    """
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    model = models.build("simplenet", (3, 32, 32), 43, rng=rng)
+    model.set_input_grad(False)
+    loss_fn = losses.build("svm_l2")
+    opt = optim.build("sgd", model, lr=1e-3, reg=1e-4)
+    assert opt.fuse_into_backward() == 1
+    x, y = rng.standard_normal((64, 3, 32, 32), dtype=np.float32), rng.integers(0, 43, 64)
+
+    def step():
+        _, dscores = loss_fn(model(x), y)
+        model.backward(dscores)
+        opt.step()
+
+    step()  # the first step makes the buffers that later steps reuse
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        step()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert 30 * 2**20 < peak < 96 * 2**20, f"peak {peak / 2**20:.1f} MB"
