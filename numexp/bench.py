@@ -418,6 +418,37 @@ def machine_description(use_torch):
     return ", ".join(parts)
 
 
+# OpenBLAS kernel families compared by --coretypes: the one this CPU gets without a choice, and the
+# two a user could force with $OPENBLAS_CORETYPE (AVX2 and AVX-512)
+CORETYPES = (None, "Haswell", "SkylakeX")
+
+
+def coretype_gemm(coretype, threads):
+    """(kernels OpenBLAS reports, float32 GEMM GFLOP/s) in a fresh process with ``$OPENBLAS_CORETYPE``
+    set to ``coretype`` (None: unset). OpenBLAS reads it once, when NumPy is first imported."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    if coretype:
+        env["OPENBLAS_CORETYPE"] = coretype
+    code = ("import json; from threadpoolctl import threadpool_info; from numexp.bench import gemm_gflops; "
+            f"g = gemm_gflops({threads}); "
+            "a = [i.get('architecture') for i in threadpool_info() if i['user_api'] == 'blas']; "
+            "print(json.dumps([a[0] if a else None, g]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def print_coretypes(threads_list):
+    """The effect of OpenBLAS's kernel choice on this machine: numexp leaves it to OpenBLAS (it sets no
+    ``$OPENBLAS_CORETYPE``) and records the kernels in each run's summary.json; this shows what forcing
+    them would change."""
+    print("OpenBLAS kernels, float32 GEMM 64x4096x3072 in a fresh process:")
+    for threads in threads_list:
+        for coretype in CORETYPES:
+            kernels_used, gflops = coretype_gemm(coretype, threads)
+            chosen = f"OPENBLAS_CORETYPE={coretype}" if coretype else "OpenBLAS's own choice"
+            print(f"  {threads} thread(s), {chosen:<28} -> {kernels_used}: {gflops:.1f} GFLOP/s")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m numexp.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=list(BENCH_MODELS))
@@ -431,12 +462,18 @@ def main(argv=None):
     parser.add_argument("--no-plots", action="store_true", help="write no PNG charts")
     parser.add_argument("--out", default="results/bench.csv",
                         help="CSV file for the table; the per-layer CSV and the PNGs go beside it")
+    parser.add_argument("--coretypes", action="store_true",
+                        help="only compare the GEMM rate under OpenBLAS's own kernel choice and forced Haswell "
+                             "(AVX2) / SkylakeX (AVX-512) kernels, each in a fresh process")
     parser.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
         framework, name, threads, steps = args.memory_probe
         return memory_probe(framework, name, int(threads), int(steps))
 
+    if args.coretypes:
+        print_coretypes(args.threads)
+        return 0
     use_torch = have_torch() and not args.no_torch
     if not use_torch and not args.no_torch:
         print("PyTorch is not installed: reporting numexp alone (pip install -e '.[test]' for the comparison)")

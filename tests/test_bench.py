@@ -138,3 +138,13 @@ def test_torch_clock_removes_its_hooks():
     assert {key for key in clock.times.steps[0]} == expected_layer_keys()
     for module in theirs.model.children():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_coretypes_forces_openblas_kernels_in_a_fresh_process_only():
+    """numexp leaves the kernel choice to OpenBLAS; the bench shows what forcing it would do."""
+    import os
+
+    forced, gflops = bench.coretype_gemm("Haswell", 1)
+    assert forced == "Haswell" and gflops > 0
+    own, _ = bench.coretype_gemm(None, 1)
+    assert own and "OPENBLAS_CORETYPE" not in os.environ
