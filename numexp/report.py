@@ -249,7 +249,10 @@ class Report:
                          f"so the seed's numbers below are not comparable with ours.\n")
         differences = self.protocol_differences()
         if differences:
-            parts.append(f"> Note: our protocol differs from the seed's in {differences}.\n")
+            shorter = self._shorter_training()
+            parts.append(f"> Note: our protocol differs from the seed's in {differences}."
+                         + (" With this much less training the models are far from converged: compare our arms with "
+                            "each other, not our accuracies with the seed's." if shorter else "") + "\n")
         return "\n".join(parts)
 
     def protocol_differences(self):
@@ -262,6 +265,13 @@ class Report:
             if any(not _same(v, seed_value) for v in ours):
                 out.append(f"`{key}` {', '.join(_fmt_value(v) for v in ours)} (seed: {_fmt_value(seed_value)})")
         return "; ".join(out)
+
+    def _shorter_training(self):
+        """Whether our runs train for fewer epochs than the seed's."""
+        seed_epochs = self.spec.seed_protocol.get("epochs")
+        if seed_epochs is None or "epochs" not in self.runs.columns:
+            return False
+        return bool((pd.to_numeric(self.runs["epochs"], errors="coerce") < seed_epochs).any())
 
     def group_table(self):
         """One row per configuration: its keys, seeds, then statistics of the completed runs."""
