@@ -147,8 +147,8 @@ SPECS = {
         dataset="mnist", primary=("model.activation", "model.pool"),
         published_text="99.04% test accuracy for the seed's LeNet-5 (lr 1e-3, reg 1e-3, batch 128), one run, trained "
                        "on MNIST's 60,000 training images and scored on its 10,000 test images. Only the test "
-                       "images are here, so our runs train on 8,000 of them and score on the other 2,000: "
-                       "about 7x less training data, so expect lower accuracy.",
+                       "images are here, so our runs train on the first 8,000 of them (7,200, and 800 for validation) and "
+                       "score on the last 2,000: about 8x less training data, so expect lower accuracy.",
         seed_protocol={"model.name": "lenet5", "lr": 1e-3, "reg": 1e-3, "batch_size": 128}),
     "optimizers": Spec(
         title="Six update rules on SimpleConvNet (MNIST)",
