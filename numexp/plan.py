@@ -21,7 +21,6 @@ serialisation. A run is then ``epochs x (steps x step time + evaluation of val a
 can only make a run shorter, so such estimates are upper bounds. Timings come from this machine
 as it is now: a busy machine gives pessimistic numbers, other nodes of a cluster other ones.
 """
-import contextlib
 import heapq
 import io
 import json
@@ -237,21 +236,6 @@ def resume_state(run_dir):
 
 # --------------------------------------------------------------------------- data and timing
 
-@contextlib.contextmanager
-def cache_writes_off():
-    """The plan writes nothing: a data set without its cache (GTSRB) is decoded but not cached here.
-
-    Note: a patch of :func:`numexp.data.cache.save_cache` for the duration; the loaders have no
-    option for a read-only cache.
-    """
-    save = cache.save_cache
-    cache.save_cache = lambda path, meta, arrays: False
-    try:
-        yield
-    finally:
-        cache.save_cache = save
-
-
 def data_key(task):
     return json.dumps({"name": task.data.name, **config.options(task.data)}, sort_keys=True)
 
@@ -259,7 +243,7 @@ def data_key(task):
 def load_facts(task):
     """Load the job's data set once (as the trainer does) for its shape, classes and split sizes."""
     start = time.perf_counter()
-    with cache_writes_off():
+    with cache.no_writes():  # the plan writes nothing, not even a data cache
         ds = data.load(task.data.name, **config.options(task.data))
     return DataFacts(task.data.name, ds.in_shape, ds.num_classes, len(ds.y_train), len(ds.y_val), len(ds.y_test),
                      time.perf_counter() - start, ds.info.get("cache_hit"))

@@ -6,6 +6,7 @@ files). A load whose ``meta`` differs, or that fails in any way, is reported wit
 and rebuilt: a cache is never trusted. Writers save to a temporary file in the cache folder
 and ``os.replace`` it, so readers and concurrent builders only ever see complete files.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -60,8 +61,26 @@ def load_cache(path, meta, validate):
         return None
 
 
+# set by no_writes(): caches are read but not written
+_writes_off = False
+
+
+@contextlib.contextmanager
+def no_writes():
+    """Within it, loaders read their caches but never write one (``numexp plan`` writes nothing)."""
+    global _writes_off
+    before, _writes_off = _writes_off, True
+    try:
+        yield
+    finally:
+        _writes_off = before
+
+
 def save_cache(path, meta, arrays):
-    """Write ``arrays`` + ``meta`` to ``path`` atomically; warn (don't fail) if it cannot be written."""
+    """Write ``arrays`` + ``meta`` to ``path`` atomically; warn (don't fail) if it cannot be written.
+    Returns whether it was written (never inside :func:`no_writes`)."""
+    if _writes_off:
+        return False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path, "wb") as f:
