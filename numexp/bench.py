@@ -171,33 +171,55 @@ class NumexpLayerClock:
 
     Each layer's ``forward``/``backward`` is shadowed by a timed instance attribute (Sequential calls
     ``layer.forward``), so the times partition the step: nothing runs between layers but a loop.
+    Layers that Sequential runs as one pool-first step (:class:`numexp.nn.PoolFirst`) are timed as
+    one row named ``bn1+relu1+pool1``; the layer calls inside it are not counted again.
     """
 
     def __init__(self, runner):
         self.runner = runner
         self.times = StepTimes()
         self._saved = []
+        self._inside_group = False
 
     def __enter__(self):
+        names = {id(layer): name for name, layer in self.runner.model.children()}
         for name, layer in self.runner.model.children():
             for direction in ("forward", "backward"):
                 self._saved.append((layer, direction, vars(layer).get(direction)))
                 setattr(layer, direction, self._timed(name, direction, getattr(layer, direction)))
+        for direction in ("forward", "backward"):
+            method = getattr(nn.PoolFirst, direction)
+            self._saved.append((nn.PoolFirst, direction, method))
+            setattr(nn.PoolFirst, direction, self._timed_group(names, direction, method))
         return self
 
     def __exit__(self, *exc):
-        for layer, direction, before in self._saved:
+        for owner, direction, before in self._saved:
             if before is None:
-                del vars(layer)[direction]
+                del vars(owner)[direction]
             else:
-                setattr(layer, direction, before)
+                setattr(owner, direction, before)
         self._saved = []
 
     def _timed(self, name, direction, method):
         def timed(arg):
             t = time.perf_counter()
             out = method(arg)
-            self.times.add(name, direction, time.perf_counter() - t)
+            if not self._inside_group:
+                self.times.add(name, direction, time.perf_counter() - t)
+            return out
+        return timed
+
+    def _timed_group(self, names, direction, method):
+        def timed(group, arg):
+            self._inside_group = True
+            t = time.perf_counter()
+            try:
+                out = method(group, arg)
+            finally:
+                self._inside_group = False
+            if out is not None:  # None: the group did not run, its layers will, timed on their own
+                self.times.add(group_name(group, names), direction, time.perf_counter() - t)
             return out
         return timed
 
@@ -288,9 +310,17 @@ class TorchLayerClock:
         self.times.end_step()
 
 
+def group_name(group, names):
+    """``bn1+relu1+pool1``: the row name of a pool-first group, from {id(layer): name}."""
+    return "+".join(names[id(layer)] for layer in group.layers)
+
+
 def step_keys(model):
-    """(layer, direction) of every per-layer row, in the order a training step runs them."""
-    names = [name for name, _ in model.children()]
+    """(layer, direction) of every per-layer row, in the order a training step runs them (the steps
+    of the model's last forward pass: pool-first groups as one row)."""
+    ids = {id(layer): name for name, layer in model.children()}
+    ran = getattr(model, "_ran", None) or [layer for _, layer in model.children()]
+    names = [group_name(step, ids) if isinstance(step, nn.PoolFirst) else ids[id(step)] for step in ran]
     return ([(n, "forward") for n in names] + [("loss", "forward+backward")]
             + [(n, "backward") for n in reversed(names)]
             + [("optimizer", "step"), ("other", "between layers"), ("step", "total")])
@@ -317,7 +347,7 @@ def time_layers(name, threads, clocks, rounds, steps, pause):
     fused = {n for n, layer in numexp_model.children() if getattr(layer, "fused_update", None) is not None}
     return [dict(model=name, threads=threads, layer=layer, direction=direction,
                  numexp_ms=medians["numexp"].get((layer, direction), nan),
-                 torch_ms=medians.get("torch", {}).get((layer, direction), nan),
+                 torch_ms=sum(medians.get("torch", {}).get((part, direction), nan) for part in layer.split("+")),
                  note=f"numexp's {layer} backward includes its SGD weight update (fused), the optimizer "
                       f"row does not" if layer in fused and direction == "backward" else "")
             for layer, direction in step_keys(numexp_model)]

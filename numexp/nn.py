@@ -441,6 +441,15 @@ class MaxPool2d(_Pool2d):
         # windows that tile the input exactly write every element of dx once: no zero fill needed
         tiled = s == k and x.shape[2] == k * out_h and x.shape[3] == k * out_w
         dx = np.empty_like(x) if tiled else np.zeros_like(x)
+        self.scatter(dout, dx, add=False)
+        return dx
+
+    def scatter(self, dout, dx, add):
+        """Send each window's gradient ``dout`` to its first maximum in ``dx`` (written, or added
+        with ``add``); ``dx`` must be zero where nothing is written unless ``add``."""
+        x, out = self._cache
+        _, _, out_h, out_w = out.shape
+        k, s = self.kernel_size, self.stride
         taken, winner = np.empty(out.shape, dtype=bool), np.empty(out.shape, dtype=bool)
         taps = list(kernels.window_taps(x, k, k, s, out_h, out_w))
         for t, ((i, j), view) in enumerate(taps):
@@ -454,11 +463,10 @@ class MaxPool2d(_Pool2d):
                     taken |= winner
                 first = winner
             where = kernels.tap_slice(i, j, s, out_h, out_w)
-            if s >= k:  # windows do not overlap: each input gets at most one gradient, written in place
+            if s >= k and not add:  # windows do not overlap: each input gets at most one gradient
                 np.multiply(dout, first, out=dx[where])
             else:
                 dx[where] += dout * first
-        return dx
 
 
 class AvgPool2d(_Pool2d):
@@ -656,12 +664,7 @@ class _BatchNorm(Module):
             mean = _column_sums(X) * (1.0 / m)
             xhat = X - mean
             var = np.einsum("ij,ij->j", xhat, xhat) * (1.0 / m)
-            m_ = self.momentum
-            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-            rm *= 1 - m_
-            rm += m_ * mean
-            rv *= 1 - m_
-            rv += (m_ * m / max(m - 1, 1)) * var  # running_var keeps the unbiased variance
+            self.update_running(mean, var, m)
         else:
             var = self.buffers["running_var"]
             xhat = X - self.buffers["running_mean"]
@@ -671,6 +674,15 @@ class _BatchNorm(Module):
         out += self.params["bias"]
         self._cache = (xhat, inv_std, self.training)
         return self._unrows(out, x.shape)
+
+    def update_running(self, mean, var, m):
+        """Fold a batch's mean and biased variance over ``m`` values into the running statistics."""
+        m_ = self.momentum
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        rm *= 1 - m_
+        rm += m_ * mean
+        rv *= 1 - m_
+        rv += (m_ * m / max(m - 1, 1)) * var  # running_var keeps the unbiased variance
 
     def backward(self, dout):
         xhat, inv_std, batch_stats = self._cache
@@ -737,13 +749,23 @@ class Sequential(Module):
         return len(self._children)
 
     def forward(self, x):
-        for layer in self._children.values():
-            x = layer.forward(x)
+        self._ran = []  # what ran, in order: layers and fused groups; backward walks it back
+        layers = list(self._children.values())
+        i = 0
+        while i < len(layers):
+            group = PoolFirst.at(layers, i)
+            out = group.forward(x) if group is not None else None
+            if out is not None:
+                x, step = out, group
+            else:
+                x, step = layers[i].forward(x), layers[i]
+            self._ran.append(step)
+            i += len(step.layers) if step is group else 1
         return x
 
     def backward(self, dout):
-        for layer in reversed(self._children.values()):
-            dout = layer.backward(dout)
+        for step in reversed(self._ran):
+            dout = step.backward(dout)
             if dout is None:  # a first layer that skips its input gradient
                 break
         return dout
@@ -778,6 +800,96 @@ class Sequential(Module):
                                  f"and would output {shape}: the input is too small for this model")
             rows.append((name, layer, shape))
         return rows
+
+
+class PoolFirst:
+    """[BatchNorm2d →] ReLU → MaxPool2d(k, stride k) of a Sequential, run as one step that pools first:
+    the BN affine and the ReLU then touch a k*k times smaller array, forward and backward.
+
+    Exact, up to rounding, when every channel's BN scale ``gamma / sqrt(var + eps)`` is > 0: the
+    affine map and ReLU are then non-decreasing, so they commute with the max, and a window's first
+    maximum is the same before and after them (ties included). Without BatchNorm that always holds.
+    :meth:`forward` returns None when it does not (a negative gamma), and the layers run one by one.
+    The layers keep their parameters, statistics and gradients; only their ``_cache`` is skipped.
+    """
+
+    def __init__(self, bn, relu, pool):
+        self.bn, self.relu, self.pool = bn, relu, pool
+        self.layers = [m for m in (bn, relu, pool) if m is not None]
+
+    @classmethod
+    def at(cls, layers, i):
+        """The group starting at ``layers[i]``, or None if none does."""
+        bn = layers[i] if type(layers[i]) is BatchNorm2d else None
+        j = i + (bn is not None)
+        if j + 1 >= len(layers) or type(layers[j]) is not ReLU or type(layers[j + 1]) is not MaxPool2d:
+            return None
+        pool = layers[j + 1]
+        return cls(bn, layers[j], pool) if pool.stride == pool.kernel_size else None
+
+    def forward(self, x):
+        """x: (N, C, H, W) -> (N, C, H_out, W_out), or None where the shortcut is not exact."""
+        scale, shift, stats = self._affine(x)
+        if scale is not None and not (scale > 0).all():
+            return None
+        if stats is not None:
+            self.bn.update_running(*stats)
+        pooled = self.pool.forward(x)  # caches (x, pooled): the winners for backward
+        z = pooled if scale is None else pooled * scale[:, None, None] + shift[:, None, None]
+        out = np.maximum(z, 0)
+        self._cache = (pooled, scale, out, stats)
+        return out
+
+    def _affine(self, x):
+        """(scale, shift, batch statistics) of the BN as a per-channel affine map; Nones without BN."""
+        if self.bn is None:
+            return None, None, None
+        bn = self.bn
+        if bn.training:
+            X = bn._rows(x)
+            m = X.shape[0]
+            mean = _column_sums(X) * (1.0 / m)
+            centred = X - mean
+            var = np.einsum("ij,ij->j", centred, centred) * (1.0 / m)
+            stats = (mean, var, m)
+        else:
+            mean, var, stats = bn.buffers["running_mean"], bn.buffers["running_var"], None
+        inv_std = 1 / np.sqrt(var + bn.eps)
+        scale = bn.params["weight"] * inv_std
+        self._norm = (mean, inv_std)
+        return scale, bn.params["bias"] - mean * scale, stats
+
+    def backward(self, dout):
+        pooled, scale, out, stats = self._cache
+        dz = dout * (out > 0)
+        x = self.pool._cache[0]
+        if self.bn is None:
+            dx = np.empty_like(x) if self._tiled(x, out) else np.zeros_like(x)
+            self.pool.scatter(dz, dx, add=False)
+            return dx
+        mean, inv_std = self._norm
+        Z = self.bn._rows(dz)
+        dbeta = _column_sums(Z)
+        # sum of dz * xhat over the pooled positions, xhat = (pooled - mean) * inv_std
+        dgamma = (np.einsum("ij,ij->j", Z, self.bn._rows(pooled)) - mean * dbeta) * inv_std
+        self.bn.grads["weight"], self.bn.grads["bias"] = dgamma, dbeta
+        dx = np.empty_like(x)
+        if stats is not None:
+            # BN with batch statistics: dx = scale * (D - mean(D) - xhat * mean(D * xhat)), D = dz at the
+            # winners; the two mean terms are per-channel constants, so dx = c1 * x + c0 + scale * D
+            m = stats[2]
+            c1 = -scale * inv_std * dgamma * (1.0 / m)
+            c0 = -scale * dbeta * (1.0 / m) - c1 * mean
+            np.multiply(x, c1[:, None, None], out=dx)
+            dx += c0[:, None, None]
+        else:
+            dx[...] = 0
+        self.pool.scatter(dz * scale[:, None, None], dx, add=True)
+        return dx
+
+    def _tiled(self, x, out):
+        k = self.pool.kernel_size
+        return x.shape[2] == k * out.shape[2] and x.shape[3] == k * out.shape[3]
 
 
 class Residual(Module):

@@ -181,6 +181,37 @@ def test_maxpool2d_ties_send_the_gradient_to_the_first_maximum_as_torch(shape, k
     check_forward_backward(layer, as_torch(layer), x, rng, "MaxPool2d with ties")
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (4, 3, 7, 9)], ids=["tiled", "floor-mode"])
+@pytest.mark.parametrize("gamma", ["positive", "one-negative"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bn_relu_maxpool_pooled_first_matches_torch(shape, gamma, mode):
+    """Sequential runs BatchNorm2d -> ReLU -> MaxPool2d(2) as one pool-first step (nn.PoolFirst) when
+    every BN scale is positive, else layer by layer; both agree with torch, running statistics too."""
+    rng = np.random.default_rng(6)
+    seq = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2))
+    randomize_batchnorm(seq, rng)
+    seq["0"].params["weight"][:] = [0.7, 1.3, -0.4 if gamma == "one-negative" else 0.2]
+    t = as_torch(seq)
+    if mode == "eval":
+        seq.eval(), t.eval()
+    # repeats inside windows, so the first-maximum rule is exercised too
+    x = np.round(rng.standard_normal(shape), 1)
+    check_forward_backward(seq, t, x, rng, f"BN-ReLU-MaxPool ({gamma}, {mode})")
+    assert_state_close(seq, t, "running statistics")
+    # a negative scale: BatchNorm2d alone, then ReLU -> MaxPool2d still pooled first
+    steps = [type(step).__name__ for step in seq._ran]
+    assert steps == (["PoolFirst"] if gamma == "positive" else ["BatchNorm2d", "PoolFirst"])
+    assert seq._ran[-1].bn is (seq["0"] if gamma == "positive" else None)
+
+
+def test_relu_maxpool_pooled_first_with_ties_matches_torch():
+    rng = np.random.default_rng(7)
+    seq = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
+    x = rng.integers(-2, 3, size=(2, 3, 7, 8)).astype(np.float64)  # ReLU zeros and repeats everywhere
+    check_forward_backward(seq, as_torch(seq), x, rng, "ReLU-MaxPool")
+    assert isinstance(seq._ran[0], nn.PoolFirst)
+
+
 @pytest.mark.parametrize("k,stride", [(2, 2), (3, 2), (3, 1), (2, None)])
 def test_avgpool2d_matches_torch(k, stride):
     rng = np.random.default_rng(3)
