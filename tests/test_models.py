@@ -121,9 +121,10 @@ def test_a_simplenet_training_step_allocates_no_parameter_sized_temporary():
     """Regression guard for the hot path, counted in bytes rather than timed.
 
     What one SimpleNet step (batch 64, plain SGD with reg, FC1's update fused into backward as the
-    trainer runs it) keeps for its backward pass is about 54 MB; its peak of new allocations is
-    about 78 MB. A float64 upcast of the activations, or a temporary the size of FC1's 12.6M
-    weights (48 MB, e.g. ``w -= lr * (g + reg * w)`` done whole), pushes it past the 96 MB bound.
+    trainer runs it, BN-ReLU-pool pooled first) keeps for its backward pass is about 45 MB; its peak
+    of new allocations is about 69 MB. A float64 upcast of the activations, or a temporary the size
+    of FC1's 12.6M weights (48 MB, e.g. ``w -= lr * (g + reg * w)`` done whole: 93 MB), pushes it
+    past the 85 MB bound.
     """
     import tracemalloc
 
@@ -148,4 +149,4 @@ def test_a_simplenet_training_step_allocates_no_parameter_sized_temporary():
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
-    assert 30 * 2**20 < peak < 96 * 2**20, f"peak {peak / 2**20:.1f} MB"
+    assert 30 * 2**20 < peak < 85 * 2**20, f"peak {peak / 2**20:.1f} MB"
