@@ -450,7 +450,8 @@ class MaxPool2d(_Pool2d):
         x, out = self._cache
         _, _, out_h, out_w = out.shape
         k, s = self.kernel_size, self.stride
-        taken, winner = np.empty(out.shape, dtype=bool), np.empty(out.shape, dtype=bool)
+        # in the memory order of out (channels-last after a conv): ufuncs over mixed layouts crawl
+        taken, winner = np.empty_like(out, dtype=bool), np.empty_like(out, dtype=bool)
         taps = list(kernels.window_taps(x, k, k, s, out_h, out_w))
         for t, ((i, j), view) in enumerate(taps):
             np.equal(view, out, out=winner)
@@ -861,7 +862,9 @@ class PoolFirst:
 
     def backward(self, dout):
         pooled, scale, out, stats = self._cache
-        dz = dout * (out > 0)
+        # in the memory order of out, whatever dout's (C order after a Flatten): the rest follows it
+        dz = np.empty_like(out)
+        np.multiply(dout, out > 0, out=dz)
         x = self.pool._cache[0]
         if self.bn is None:
             dx = np.empty_like(x) if self._tiled(x, out) else np.zeros_like(x)
