@@ -61,6 +61,10 @@ def im2col(x, kh, kw, stride=1, padding=0):
     out_h = conv_output_size(H, kh, stride, padding)
     out_w = conv_output_size(W, kw, stride, padding)
     xp = pad_nhwc(channels_last(x), padding)
+    if not xp.flags.c_contiguous:
+        # e.g. channel-major memory from a "taps" layer: the strided copy below would gather each
+        # patch's channels from far apart; one compact channels-last copy first is far cheaper
+        xp = np.ascontiguousarray(xp)
     sn, sh, sw, sc = xp.strides
     patches = as_strided(
         xp,
