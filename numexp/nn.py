@@ -662,9 +662,7 @@ class _BatchNorm(Module):
         X = self._rows(x)
         if self.training:
             m = X.shape[0]
-            mean = _column_sums(X) * (1.0 / m)
-            xhat = X - mean
-            var = np.einsum("ij,ij->j", xhat, xhat) * (1.0 / m)
+            mean, xhat, var = self.batch_moments(X)
             self.update_running(mean, var, m)
         else:
             var = self.buffers["running_var"]
@@ -675,6 +673,14 @@ class _BatchNorm(Module):
         out += self.params["bias"]
         self._cache = (xhat, inv_std, self.training)
         return self._unrows(out, x.shape)
+
+    @staticmethod
+    def batch_moments(X):
+        """(mean, X - mean, biased variance) over the rows of X (M, C), per channel."""
+        m = X.shape[0]
+        mean = _column_sums(X) * (1.0 / m)
+        centred = X - mean
+        return mean, centred, np.einsum("ij,ij->j", centred, centred) * (1.0 / m)
 
     def update_running(self, mean, var, m):
         """Fold a batch's mean and biased variance over ``m`` values into the running statistics."""
@@ -830,69 +836,60 @@ class PoolFirst:
 
     def forward(self, x):
         """x: (N, C, H, W) -> (N, C, H_out, W_out), or None where the shortcut is not exact."""
-        scale, shift, stats = self._affine(x)
-        if scale is not None and not (scale > 0).all():
+        norm = self._normalisation(x)
+        if norm is not None and not (norm["scale"] > 0).all():
             return None
-        if stats is not None:
-            self.bn.update_running(*stats)
+        if norm is not None and norm["batch"]:
+            self.bn.update_running(norm["mean"], norm["var"], norm["m"])
         pooled = self.pool.forward(x)  # caches (x, pooled): the winners for backward
-        z = pooled if scale is None else pooled * scale[:, None, None] + shift[:, None, None]
+        z = pooled if norm is None else pooled * norm["scale"][:, None, None] + norm["shift"][:, None, None]
         out = np.maximum(z, 0)
-        self._cache = (pooled, scale, out, stats)
+        self._cache = (pooled, out, norm)
         return out
 
-    def _affine(self, x):
-        """(scale, shift, batch statistics) of the BN as a per-channel affine map; Nones without BN."""
-        if self.bn is None:
-            return None, None, None
+    def _normalisation(self, x):
+        """The BN as a per-channel affine map: mean, var, inv_std, scale, shift, and whether (over m
+        values) they are the batch's own statistics; None without BN."""
         bn = self.bn
+        if bn is None:
+            return None
         if bn.training:
             X = bn._rows(x)
-            m = X.shape[0]
-            mean = _column_sums(X) * (1.0 / m)
-            centred = X - mean
-            var = np.einsum("ij,ij->j", centred, centred) * (1.0 / m)
-            stats = (mean, var, m)
+            mean, _, var = bn.batch_moments(X)
         else:
-            mean, var, stats = bn.buffers["running_mean"], bn.buffers["running_var"], None
+            mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
         inv_std = 1 / np.sqrt(var + bn.eps)
         scale = bn.params["weight"] * inv_std
-        self._norm = (mean, inv_std)
-        return scale, bn.params["bias"] - mean * scale, stats
+        return dict(mean=mean, var=var, inv_std=inv_std, scale=scale, shift=bn.params["bias"] - mean * scale,
+                    batch=bn.training, m=x.size // x.shape[1])
 
     def backward(self, dout):
-        pooled, scale, out, stats = self._cache
+        pooled, out, norm = self._cache
         # in the memory order of out, whatever dout's (C order after a Flatten): the rest follows it
         dz = np.empty_like(out)
         np.multiply(dout, out > 0, out=dz)
+        if norm is None:
+            return self.pool.backward(dz)
+        mean, inv_std, scale = norm["mean"], norm["inv_std"], norm["scale"]
         x = self.pool._cache[0]
-        if self.bn is None:
-            dx = np.empty_like(x) if self._tiled(x, out) else np.zeros_like(x)
-            self.pool.scatter(dz, dx, add=False)
-            return dx
-        mean, inv_std = self._norm
         Z = self.bn._rows(dz)
         dbeta = _column_sums(Z)
         # sum of dz * xhat over the pooled positions, xhat = (pooled - mean) * inv_std
         dgamma = (np.einsum("ij,ij->j", Z, self.bn._rows(pooled)) - mean * dbeta) * inv_std
         self.bn.grads["weight"], self.bn.grads["bias"] = dgamma, dbeta
-        dx = np.empty_like(x)
-        if stats is not None:
+        if norm["batch"]:
             # BN with batch statistics: dx = scale * (D - mean(D) - xhat * mean(D * xhat)), D = dz at the
             # winners; the two mean terms are per-channel constants, so dx = c1 * x + c0 + scale * D
-            m = stats[2]
+            m = norm["m"]
             c1 = -scale * inv_std * dgamma * (1.0 / m)
             c0 = -scale * dbeta * (1.0 / m) - c1 * mean
+            dx = np.empty_like(x)
             np.multiply(x, c1[:, None, None], out=dx)
             dx += c0[:, None, None]
         else:
-            dx[...] = 0
+            dx = np.zeros_like(x)
         self.pool.scatter(dz * scale[:, None, None], dx, add=True)
         return dx
-
-    def _tiled(self, x, out):
-        k = self.pool.kernel_size
-        return x.shape[2] == k * out.shape[2] and x.shape[3] == k * out.shape[3]
 
 
 class Residual(Module):

@@ -59,7 +59,7 @@ class Optimizer:
 
     def fuse_into_backward(self):
         """Let large Linear layers apply this optimizer's update during ``backward`` (see
-        :meth:`SGD.fuse_into_backward`); returns the number of layers that do. None by default."""
+        :meth:`SGD.fuse_into_backward`); returns the number of layers that do: none by default."""
         return 0
 
 

@@ -117,10 +117,14 @@ def best_runs(table, top=BEST_SHOWN):
     return shown
 
 
+def override_keys(table):
+    """The runs table's override columns (everything but job, run_dir and the summary columns)."""
+    return [c for c in table.columns if c not in ("job", "run_dir", *SUMMARY_COLUMNS)]
+
+
 def swept_keys(table):
     """Override keys whose value differs between the sweep's runs."""
-    keys = [c for c in table.columns if c not in ("job", "run_dir", *SUMMARY_COLUMNS)]
-    return [k for k in keys if table[k].nunique(dropna=False) > 1]
+    return [k for k in override_keys(table) if table[k].nunique(dropna=False) > 1]
 
 
 def check_sweep_folder(cfg):
@@ -181,11 +185,10 @@ def main(argv):
 
 
 def _describe(row, table):
-    """The run's swept keys as ``key=value`` text."""
-    keys = [c for c in table.columns if c not in ("job", "run_dir", *SUMMARY_COLUMNS)]
+    """The run's overrides as ``key=value`` text."""
     import pandas as pd
 
-    return " ".join(f"{k}={row[k]}" for k in keys if not pd.isna(row[k]))
+    return " ".join(f"{k}={row[k]}" for k in override_keys(table) if not pd.isna(row[k]))
 
 
 def _numeric_if_possible(column):
