@@ -137,8 +137,8 @@ def read_row(run_dir, display=None):
         row.update(status="unreadable", error=f"{type(e).__name__}: {e}")
         try:
             row["config"] = read_config(run_dir)
-            overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text(encoding="utf-8"))
-            row["experiment"] = experiment_name(run_dir, sweep.parse_overrides(overrides or []), row["config"])
+            row["experiment"] = experiment_name(run_dir, sweep.parse_overrides(sweep.job_overrides(run_dir)),
+                                                row["config"])
         except (OSError, yaml.YAMLError, TypeError):
             row["experiment"] = experiment_name(run_dir, {}, row["config"])
         return row

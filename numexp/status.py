@@ -77,8 +77,9 @@ def sweep_status(sweep_dir):
     dirs = [sweep_dir] if (sweep_dir / ".hydra").is_dir() else sweep.run_dirs(sweep_dir)
     rows = []
     for run_dir in dirs:
-        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text(encoding="utf-8")) or []
-        rows.append({"job": run_dir.name, **run_state(run_dir), "overrides": sweep.parse_overrides(overrides)})
+        # a job Hydra is still setting up may have no overrides.yaml yet: job_overrides copes
+        rows.append({"job": run_dir.name, **run_state(run_dir),
+                     "overrides": sweep.parse_overrides(sweep.job_overrides(run_dir))})
     planned = planned_jobs(sweep_dir)
     not_started = max(0, planned - len(rows)) if planned is not None else 0
     return rows, summary_line(rows, not_started)

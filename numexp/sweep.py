@@ -46,10 +46,25 @@ def parse_overrides(overrides):
     return out
 
 
+def job_overrides(run_dir):
+    """The job's override list from ``.hydra/overrides.yaml``; for a job whose worker was stopped while
+    Hydra was still writing its files (fail_fast, a killed worker), the copy in ``.hydra/hydra.yaml``;
+    [] when neither is there."""
+    hydra_dir = Path(run_dir) / ".hydra"
+    try:
+        return yaml.safe_load((hydra_dir / "overrides.yaml").read_text(encoding="utf-8")) or []
+    except FileNotFoundError:
+        pass
+    try:
+        return list(yaml.safe_load((hydra_dir / "hydra.yaml").read_text(encoding="utf-8"))["hydra"]["overrides"]["task"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []
+
+
 def read_run(run_dir):
     """One row: the run's overrides and its summary metrics (status ``incomplete`` without a summary)."""
     run_dir = Path(run_dir)
-    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text(encoding="utf-8")) or []
+    overrides = job_overrides(run_dir)
     summary_path = run_dir / SUMMARY
     if summary_path.exists():
         summary = read_json(summary_path)

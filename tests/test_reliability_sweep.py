@@ -179,3 +179,17 @@ def test_sweep_folder_rules(compose_cfg, tmp_path):
     (tmp_path / "sweep" / "multirun.yaml").unlink()
     with pytest.raises(RunDirError, match="holds no multirun.yaml"):
         sweep.check_sweep_folder(cfg("lr=1e-2", "resume=true"))
+
+
+def test_a_job_stopped_while_hydra_wrote_its_files_is_listed_as_incomplete(run_cli, tmp_path):
+    """fail_fast or a killed worker can stop a job after Hydra wrote .hydra/hydra.yaml but before
+    overrides.yaml: runs.csv still lists it, with its overrides from hydra.yaml."""
+    from numexp import sweep
+
+    sweep_dir = tmp_path / "sweep"
+    assert run_cli("-m", *SMALL, "lr=0.05", "seed=0,1", f"hydra.sweep.dir={sweep_dir}").returncode == 0
+    (sweep_dir / "1" / ".hydra" / "overrides.yaml").unlink()
+    (sweep_dir / "1" / "summary.json").unlink()
+    table = sweep.collect(sweep_dir).set_index("job")
+    assert table.loc[1, "seed"] == 1 and table.loc[1, "status"] == "incomplete"
+    assert table.loc[0, "status"] == "completed"
