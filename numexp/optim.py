@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from numexp import nn
+from numexp import blas, nn
 
 
 class Optimizer:
@@ -108,18 +108,20 @@ class SGD(Optimizer):
         return len(layers)
 
     def _update_linear_weight(self, layer, dout, x):
-        """``layer.weight`` (out, in) ``= (1 - lr*decay) * W - lr * dout.T @ x`` for dout (N, out), x (N, in),
-        through a cache-sized block of rows at a time."""
+        """``layer.weight`` (out, in) ``= (1 - lr*decay) * W - lr * dout.T @ x`` for dout (N, out), x (N, in):
+        one BLAS gemm with ``beta`` where :mod:`numexp.blas` can call it, else a block of rows at a time."""
         w = layer.params["weight"]
-        decay = self.weight_decay + self.reg
-        rows = max(1, CHUNK // w.shape[1])
-        buf = _scratch(self._scratch, w.dtype)[:rows * w.shape[1]].reshape(rows, w.shape[1])
+        shrink = 1 - self.lr * (self.weight_decay + self.reg)
+        if blas.gemm_at_b(w, np.ascontiguousarray(dout), np.ascontiguousarray(x), -self.lr, shrink):
+            return
+        rows = max(1, FUSED_BLOCK // w.shape[1])
+        buf = np.empty((rows, w.shape[1]), dtype=w.dtype)
         scaled = (dout * -self.lr).T  # (out, N): -lr folded into the small operand
         for start in range(0, w.shape[0], rows):
             block = w[start:start + rows]
             part = np.matmul(scaled[start:start + rows], x, out=buf[:len(block)])
-            if decay:
-                block *= 1 - self.lr * decay
+            if shrink != 1:
+                block *= shrink
             block += part
 
 
@@ -206,6 +208,7 @@ class Adam(Optimizer):
 
 
 CHUNK = 1 << 18  # elements: 1 MB of float32, small enough to stay in cache between the two passes
+FUSED_BLOCK = 1 << 20  # elements of W per block of the NumPy fused update: 256 rows of FC1 were fastest
 
 
 def _axpy(p, alpha, g, scratch):

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="PyTorch parity tests need the test 
 F = torch.nn.functional
 tnn = torch.nn
 
-from numexp import losses, models, nn, optim, torchref  # noqa: E402
+from numexp import blas, losses, models, nn, optim, torchref  # noqa: E402
 from numexp.gradcheck import rel_error  # noqa: E402
 
 TOL = 1e-6
@@ -485,9 +485,17 @@ def test_optimizer_trajectory_matches_torch(case):
 
 @pytest.mark.parametrize("opts", [dict(lr=0.1), dict(lr=0.1, weight_decay=0.05), dict(lr=0.1, reg=0.03)],
                          ids=["sgd", "weight-decay", "reg"])
-def test_sgd_fused_into_backward_follows_torch(opts):
-    """SGD.fuse_into_backward: the large Linear updates its weight inside backward, block of rows by
-    block of rows; the trajectory is still torch's (``reg`` as a parameter group on Linear weights)."""
+@pytest.mark.parametrize("path", ["direct-blas", "numpy-blocks"])
+def test_sgd_fused_into_backward_follows_torch(opts, path, monkeypatch):
+    """SGD.fuse_into_backward: the large Linear updates its weight inside backward, in one BLAS gemm
+    with beta or, without it, block of rows by block of rows; the trajectory is still torch's (``reg``
+    as a parameter group on Linear weights)."""
+    direct_calls = []
+    if path == "numpy-blocks":
+        monkeypatch.setattr(blas, "gemm_at_b", lambda *args: False)
+    else:
+        real = blas.gemm_at_b
+        monkeypatch.setattr(blas, "gemm_at_b", lambda *args: direct_calls.append(real(*args)) or direct_calls[-1])
     rng = np.random.default_rng(18)
     model = nn.Sequential(nn.Flatten(), nn.Linear(32, 600, rng=rng), nn.ReLU(), nn.Linear(600, 500, rng=rng),
                           nn.Tanh(), nn.Linear(500, 3, rng=rng))  # 600x500 = 300,000 weights > optim.CHUNK
@@ -511,6 +519,7 @@ def test_sgd_fused_into_backward_follows_torch(opts):
         F.cross_entropy(t(torch.from_numpy(x)), torch.from_numpy(y)).backward()
         t_opt.step()
         assert_state_close(model, t, f"after step {step}")
+    assert direct_calls == ([True] * 4 if path == "direct-blas" else []), blas.source()
 
 
 BUILD_CASES = {  # optim.build name -> torch optimizer with torch's own defaults

@@ -1,0 +1,63 @@
+"""numexp.blas: the in-place GEMM taken from NumPy's own OpenBLAS, and its refusals."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from numexp import blas
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.0), (-0.01, 1.0), (-0.01, 0.999)])
+def test_gemm_at_b_adds_into_c_like_numpy(dtype, alpha, beta):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((64, 300)).astype(dtype), rng.standard_normal((64, 257)).astype(dtype)
+    c = rng.standard_normal((300, 257)).astype(dtype)
+    expected = alpha * (a.T.astype(np.float64) @ b) + beta * c
+    assert blas.gemm_at_b(c, a, b, alpha, beta), blas.source()
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(c, expected, rtol=tol, atol=tol)
+    assert c.dtype == dtype
+
+
+@pytest.mark.parametrize("case", ["a-transposed-view", "c-column-slice", "mixed-dtypes", "read-only-c"])
+def test_gemm_at_b_declines_what_it_cannot_do_without_touching_c(case):
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((8, 5)).astype(np.float32), rng.standard_normal((8, 6)).astype(np.float32)
+    c = rng.standard_normal((5, 12)).astype(np.float32)
+    target = c[:, :6]
+    if case == "a-transposed-view":
+        a = np.ascontiguousarray(a.T).T
+        target = c[:, :6].copy()
+    elif case == "c-column-slice":
+        pass
+    elif case == "mixed-dtypes":
+        a, target = a.astype(np.float64), c[:, :6].copy()
+    else:
+        target = c[:, :6].copy()
+        target.flags.writeable = False
+    before = target.copy()
+    assert blas.gemm_at_b(target, a, b, -1.0, 1.0) is False
+    np.testing.assert_array_equal(target, before)
+
+
+def test_gemm_at_b_refuses_shapes_that_do_not_multiply():
+    a, b, c = (np.zeros(s, np.float32) for s in ((4, 3), (5, 2), (3, 2)))
+    with pytest.raises(ValueError, match="do not give"):
+        blas.gemm_at_b(c, a, b, 1.0, 1.0)
+
+
+def test_environment_switch_turns_it_off_and_the_summary_says_so():
+    code = ("import json, numpy as np; from numexp import blas, trainer;"
+            "c = np.zeros((3, 2), np.float32); a = np.ones((4, 3), np.float32); b = np.ones((4, 2), np.float32);"
+            "print(json.dumps([blas.gemm_at_b(c, a, b, 1.0, 0.0), blas.source(), trainer._blas_threads()]))")
+    for value, used in (("0", False), ("1", True)):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "NUMEXP_DIRECT_BLAS": value}).stdout
+        called, source, threads = json.loads(out)
+        assert called is used, source
+        assert source.startswith("off (NUMEXP_DIRECT_BLAS=0)") if value == "0" else ":" in source
+        assert [t["direct_gemm"] for t in threads if t["library"] == "openblas"] == [source]
