@@ -60,8 +60,7 @@ def step_flops(model, batch):
         if isinstance(layer, nn.Linear):
             macs += layer.in_features * layer.out_features
         elif isinstance(layer, nn.Conv2d):
-            rows, cols = layer._cache[1].shape
-            macs += rows * cols * layer.out_channels
+            macs += layer._cache[1].size * layer.out_channels  # the unfolded patches of one sample
     return 3 * 2 * macs * batch
 
 

@@ -31,23 +31,25 @@ def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, pad
         assert rel_error(fast.grads[name], naive.grads[name]) < 1e-5
 
 
-def test_col2im_is_the_adjoint_of_im2col():
-    # <im2col(x), c> == <x, col2im(c)> for any x and c, including overlapping windows
+def test_col2im_product_is_the_adjoint_of_im2col_times_weights():
+    # <im2col(x) @ w_rows.T, d> == <x, col2im_product(d, w_taps)> for any x and d, overlapping windows too
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 3, 7, 6))
     col = kernels.im2col(x, 3, 3, 2, 1)  # (M, 9*C), columns (i, j, c)
-    c = rng.standard_normal(col.shape)
-    taps = c.reshape(len(c), 9, 3).transpose(1, 0, 2)  # the same numbers, tap-major (9, M, C)
-    assert np.isclose(np.vdot(col, c), np.vdot(x, kernels.col2im(taps, x.shape, 3, 3, 2, 1)))
+    w_rows = rng.standard_normal((4, 27))  # (F, 9*C)
+    d = rng.standard_normal((len(col), 4))
+    w_taps = w_rows.reshape(4, 9, 3).transpose(1, 0, 2)  # the same numbers, tap-major (9, F, C)
+    assert np.isclose(np.vdot(col @ w_rows.T, d), np.vdot(x, kernels.col2im_product(d, w_taps, x.shape, 3, 3, 2, 1)))
 
 
 def test_col2im_taps_is_the_adjoint_of_im2col_taps():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 7, 6))
-    col = kernels.im2col_taps(x, 3, 3, 2, 1)  # (9*C, M), rows (c, i, j)
+    col = kernels.im2col_taps(x, 3, 3, 2, 1)  # (N, 9*C, out_h*out_w), rows (c, i, j)
     c = rng.standard_normal(col.shape)
     assert np.isclose(np.vdot(col, c), np.vdot(x, kernels.col2im_taps(c, x.shape, 3, 3, 2, 1)))
-    assert np.array_equal(col, kernels.im2col(x, 3, 3, 2, 1).reshape(-1, 3, 3, 3).transpose(3, 1, 2, 0).reshape(27, -1))
+    rows = kernels.im2col(x, 3, 3, 2, 1)  # (N*out_h*out_w, 9*C), columns (i, j, c)
+    assert np.array_equal(col, rows.reshape(2, -1, 3, 3, 3).transpose(0, 4, 2, 3, 1).reshape(2, 27, -1))
 
 
 def test_auto_method_unfolds_one_channel_inputs_into_columns():

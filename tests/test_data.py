@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 import threading
-import time
 import warnings
 
 import numpy as np
@@ -349,13 +348,11 @@ def gtsrb_real(tmp_path_factory):
     """The real GTSRB subset, loaded once per session (several seconds) into a fresh cache."""
     root = real_root("GTSRB")
     cache_dir = tmp_path_factory.mktemp("gtsrb-real-cache")
-    start = time.perf_counter()
-    ds = data.load("gtsrb", root=root, cache_dir=cache_dir)
-    return ds, root, cache_dir, time.perf_counter() - start
+    return data.load("gtsrb", root=root, cache_dir=cache_dir), root, cache_dir
 
 
 def test_gtsrb_real_shapes_classes_and_split_sizes(gtsrb_real):
-    ds, *_ = gtsrb_real
+    ds, _, _ = gtsrb_real
     assert ds.in_shape == (3, 32, 32) and ds.num_classes == 43
     assert ds.class_names[0] == "Speed limit (20km/h)" and ds.class_names[42].startswith("End of no passing")
     assert len(ds.y_train) + len(ds.y_val) == 25087 and len(ds.y_test) == 7949
@@ -365,7 +362,7 @@ def test_gtsrb_real_shapes_classes_and_split_sizes(gtsrb_real):
 
 
 def test_gtsrb_real_no_track_is_in_both_train_and_val(gtsrb_real):
-    ds, *_ = gtsrb_real
+    ds, _, _ = gtsrb_real
     train_tracks = set(map(tuple, ds.groups_train))
     val_tracks = set(map(tuple, ds.groups_val))
     assert val_tracks and not train_tracks & val_tracks
@@ -373,12 +370,12 @@ def test_gtsrb_real_no_track_is_in_both_train_and_val(gtsrb_real):
 
 
 def test_gtsrb_real_cache_is_created_and_second_load_is_identical(gtsrb_real):
-    first, root, cache_dir, first_seconds = gtsrb_real
-    assert not first.info["cache_hit"] and first_seconds < 30
+    # no timing here: a unit test that times a disk read fails whenever the page cache is cold or CI is busy
+    first, root, cache_dir = gtsrb_real
+    assert not first.info["cache_hit"]
     assert [p.suffix for p in cache_dir.iterdir()] == [".npz"]
-    start = time.perf_counter()
     second = data.load("gtsrb", root=root, cache_dir=cache_dir)
-    assert second.info["cache_hit"] and time.perf_counter() - start < 3  # target 1 s; slack for CI load
+    assert second.info["cache_hit"]
     for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "mean", "std"):
         np.testing.assert_array_equal(getattr(second, name), getattr(first, name))
 

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="PyTorch parity tests need the test 
 F = torch.nn.functional
 tnn = torch.nn
 
-from numexp import blas, losses, models, nn, optim, torchref  # noqa: E402
+from numexp import blas, kernels, losses, models, nn, optim, torchref  # noqa: E402
 from numexp.gradcheck import rel_error  # noqa: E402
 
 TOL = 1e-6
@@ -202,6 +202,53 @@ def test_bn_relu_maxpool_pooled_first_matches_torch(shape, gamma, mode):
     steps = [type(step).__name__ for step in seq._ran]
     assert steps == (["PoolFirst"] if gamma == "positive" else ["BatchNorm2d", "PoolFirst"])
     assert seq._ran[-1].bn is (seq["0"] if gamma == "positive" else None)
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 8, 8), (4, 2, 7, 9)], ids=["tiled", "floor-mode"])
+@pytest.mark.parametrize("gamma", ["positive", "one-negative", "no-bn"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode):
+    """Conv2d -> [BatchNorm2d ->] ReLU -> MaxPool2d(2): where the windows tile the conv's output, the
+    conv hands it over in pool blocks (Conv2d.pool_blocks) to the pool-first group, which sends the
+    gradient back in that layout; integer weights and inputs make ties everywhere. A declining group
+    (negative scale) gets the output back as (N, C, H, W); floor mode never uses blocks."""
+    rng = np.random.default_rng(8)
+    # a bias before batch-statistics BN has a gradient of 0 up to rounding: none there, as in SimpleNet
+    layers = [nn.Conv2d(2, 3, 3, padding=1, bias=gamma == "no-bn", rng=rng)]
+    layers += [nn.BatchNorm2d(3)] if gamma != "no-bn" else []
+    seq = nn.Sequential(*layers, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    conv = seq["0"]
+    conv.params["weight"][...] = rng.integers(-1, 2, conv.params["weight"].shape)
+    if "bias" in conv.params:
+        conv.params["bias"][...] = rng.integers(-1, 2, 3)
+    if gamma != "no-bn":
+        randomize_batchnorm(seq, rng)
+        seq["1"].params["weight"][:] = [0.7, 1.3, -0.4 if gamma == "one-negative" else 0.2]
+    t = as_torch(seq)
+    if mode == "eval":
+        seq.eval(), t.eval()
+    x = rng.integers(-2, 3, size=shape).astype(np.float64)
+    check_forward_backward(seq, t, x, rng, f"Conv-BN-ReLU-MaxPool ({gamma}, {mode})")
+    assert_state_close(seq, t, "running statistics")
+    blocked = shape == (4, 2, 8, 8) and gamma != "one-negative"
+    assert conv._cache[3] == (2 if blocked or shape == (4, 2, 8, 8) else 1)
+    steps = [type(step).__name__ for step in seq._ran]
+    if gamma == "one-negative":
+        assert steps == ["Conv2d", "BatchNorm2d", "PoolFirst", "Flatten"]
+    else:
+        assert steps == ["Conv2d", "PoolFirst", "Flatten"]
+    group = next(step for step in seq._ran if isinstance(step, nn.PoolFirst))
+    assert (group._cache[3] is not None) == blocked
+
+
+def test_pool_blocks_order_im2col_rows_and_unpool_blocks_inverts_them():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 2, 6, 8))
+    w_rows = rng.standard_normal((5, 18))
+    plain = kernels.channels_first((kernels.im2col(x, 3, 3, 1, 1) @ w_rows.T).reshape(3, 6, 8, 5))
+    blocked = (kernels.im2col(x, 3, 3, 1, 1, pool=2) @ w_rows.T).reshape(4, 3, 3, 4, 5)
+    np.testing.assert_array_equal(blocked, kernels.pool_blocks(plain, 2))
+    np.testing.assert_array_equal(kernels.unpool_blocks(blocked, 2), plain)
 
 
 def test_relu_maxpool_pooled_first_with_ties_matches_torch():
