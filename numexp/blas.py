@@ -67,9 +67,12 @@ def _self_check(functions):
 
 
 def _call(fn, c, a, b, alpha, beta):
+    """a (K, M) and b (K, N) each C- or Fortran-contiguous (a transposed view), c C-contiguous."""
     k, m = a.shape
     n = b.shape[1]
-    fn(_ROW_MAJOR, _TRANS, _NO_TRANS, m, n, k, alpha, a.ctypes.data, m, b.ctypes.data, n,
+    trans_a, lda = (_TRANS, m) if a.flags.c_contiguous else (_NO_TRANS, k)
+    trans_b, ldb = (_NO_TRANS, n) if b.flags.c_contiguous else (_TRANS, k)
+    fn(_ROW_MAJOR, trans_a, trans_b, m, n, k, alpha, a.ctypes.data, lda, b.ctypes.data, ldb,
        beta, c.ctypes.data, n)
 
 
@@ -91,13 +94,15 @@ def source():
 def gemm_at_b(c, a, b, alpha, beta):
     """``c = alpha * a.T @ b + beta * c`` in place, for a (K, M), b (K, N), c (M, N).
 
-    Returns False, touching nothing, where the direct BLAS call cannot be used (not available, mixed
-    or unsupported dtypes, arrays that are not C-contiguous); the caller then computes it with NumPy.
+    a and b may be transposed views (Fortran-contiguous). Returns False, touching nothing, where the
+    direct BLAS call cannot be used (not available, mixed or unsupported dtypes, strided arrays, c not
+    C-contiguous); the caller then computes it with NumPy.
     """
     fn = _functions().get(c.dtype)
     if fn is None or not (a.dtype == b.dtype == c.dtype):
         return False
-    if not (a.flags.c_contiguous and b.flags.c_contiguous and c.flags.c_contiguous and c.flags.writeable):
+    dense = [m.flags.c_contiguous or m.flags.f_contiguous for m in (a, b)]
+    if not (all(dense) and c.flags.c_contiguous and c.flags.writeable):
         return False
     if a.shape[0] != b.shape[0] or c.shape != (a.shape[1], b.shape[1]):
         raise ValueError(f"gemm_at_b: shapes {a.shape}.T @ {b.shape} do not give {c.shape}")

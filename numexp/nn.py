@@ -257,8 +257,12 @@ class Linear(Module):
 
     def backward(self, dout):
         x = self._cache
-        # before a fused update changes the weights
-        dx = dout @ self.params["weight"] if self.needs_input_grad else None
+        w = self.params["weight"]
+        dx = None
+        if self.needs_input_grad:  # before a fused update changes the weights
+            # in x's memory order: x is often our own transposed output through a ReLU, whose backward
+            # multiplies dx by a mask laid out like x, and ufuncs over mixed layouts crawl (4x here)
+            dx = (w.T @ dout.T).T if x.flags.f_contiguous and not x.flags.c_contiguous else dout @ w
         if self.fused_update is not None:
             self.fused_update(self, dout, x)
             self.grads.pop("weight", None)

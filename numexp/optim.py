@@ -112,7 +112,7 @@ class SGD(Optimizer):
         one BLAS gemm with ``beta`` where :mod:`numexp.blas` can call it, else a block of rows at a time."""
         w = layer.params["weight"]
         shrink = 1 - self.lr * (self.weight_decay + self.reg)
-        if blas.gemm_at_b(w, np.ascontiguousarray(dout), np.ascontiguousarray(x), -self.lr, shrink):
+        if blas.gemm_at_b(w, dout, x, -self.lr, shrink):
             return
         rows = max(1, FUSED_BLOCK // w.shape[1])
         buf = np.empty((rows, w.shape[1]), dtype=w.dtype)
