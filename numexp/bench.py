@@ -2,6 +2,7 @@
 
     python -m numexp.bench                       # simplenet + lenet5 + simple_convnet, 1 and 2 threads
     python -m numexp.bench --models simplenet --threads 2 --out results/bench.csv
+    python -m numexp.bench --sweep               # a 4-run multirun, n_jobs=2 against n_jobs=1
 
 For each model and thread count it times a training step (forward + loss + backward + SGD
 step, batch 64, float32) and an eval forward pass, in settled rounds that alternate which
@@ -30,7 +31,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from numexp import losses, models, nn, optim
+from numexp import bench_sweep, losses, models, nn, optim
 
 BENCH_MODELS = {
     "simplenet": dict(in_shape=(3, 32, 32), num_classes=43, options={}),
@@ -426,7 +427,8 @@ def memory_probe(framework, name, threads, steps):
 def output_paths(out):
     """The files written beside the ``--out`` CSV: per-layer CSV and the two charts."""
     stem = os.path.splitext(out)[0]
-    return dict(csv=out, layers_csv=f"{stem}_layers.csv", png=f"{stem}.png", layers_png=f"{stem}_layers.png")
+    return dict(csv=out, layers_csv=f"{stem}_layers.csv", png=f"{stem}.png", layers_png=f"{stem}_layers.png",
+                sweep_csv=f"{stem}_sweep.csv")
 
 
 def machine_description(use_torch):
@@ -494,6 +496,11 @@ def main(argv=None):
     parser.add_argument("--coretypes", action="store_true",
                         help="only compare the GEMM rate under OpenBLAS's own kernel choice and forced Haswell "
                              "(AVX2) / SkylakeX (AVX-512) kernels, each in a fresh process")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only time a multirun of 4 equal runs with n_jobs=2 against n_jobs=1 (1 BLAS thread "
+                             "each); writes bench_sweep.csv beside --out")
+    parser.add_argument("--sweep-args", nargs="+",
+                        help="the multirun's overrides (default: SimpleConvNet, 4 seeds, MNIST if on disk)")
     parser.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -502,6 +509,14 @@ def main(argv=None):
 
     if args.coretypes:
         print_coretypes(args.threads)
+        return 0
+    if args.sweep:
+        sweep_args = args.sweep_args or bench_sweep.default_args()
+        rows = bench_sweep.bench_sweep(sweep_args, rounds=max(1, args.rounds // 2))
+        for row in rows:
+            row["args"] = " ".join(sweep_args)
+        bench_sweep.print_sweep(rows, sweep_args)
+        print("wrote " + write_csv(rows, output_paths(args.out)["sweep_csv"], bench_sweep.SWEEP_COLUMNS))
         return 0
     use_torch = have_torch() and not args.no_torch
     if not use_torch and not args.no_torch:

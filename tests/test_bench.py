@@ -153,3 +153,23 @@ def test_coretypes_forces_openblas_kernels_in_a_fresh_process_only():
     assert forced == "Haswell" and gflops > 0
     own, _ = bench.coretype_gemm(None, 1)
     assert own and "OPENBLAS_CORETYPE" not in os.environ
+
+
+def test_sweep_times_both_launch_modes_and_reads_every_run(run_bench, capsys):
+    """``--sweep``: a real multirun per n_jobs (tiny runs on digits here), one row per round and mode,
+    the medians, and the ratio to one at a time."""
+    args = ["data=digits", "model=softmax_regression", "epochs=1", "max_steps=2", "seed=0,1", "threads=1"]
+    folder = run_bench("--sweep", "--sweep-args", *args)
+    columns, rows = read_csv(folder / "bench_sweep.csv")
+    assert columns == ["round", "n_jobs", "runs", "wall_s", "run_wall_sum_s", "vs_one_at_a_time", "args"]
+    assert [(r["round"], r["n_jobs"]) for r in rows] == [("0", "1"), ("0", "2"), ("median", "1"), ("median", "2")]
+    assert all(r["runs"] == "2" and float(r["wall_s"]) > float(r["run_wall_sum_s"]) / 2 > 0 for r in rows)
+    assert float(rows[2]["vs_one_at_a_time"]) == 1.0 and rows[0]["args"] == " ".join(args)
+    assert "two at a time:" in capsys.readouterr().out
+    assert not (folder / "bench.csv").exists()  # only the sweep table
+
+
+def test_sweep_failure_names_the_command_and_the_cause(tmp_path):
+    from numexp import bench_sweep
+    with pytest.raises(RuntimeError, match=r"(?s)the sweep failed \(exit 1\).*numexp -m lr=-1.*must be > 0"):
+        bench_sweep.time_sweep(["lr=-1", "seed=0,1"], 1, tmp_path / "sweep")
