@@ -887,8 +887,8 @@ class PoolFirst:
         if norm is not None and norm["batch"]:
             self.bn.update_running(norm["mean"], norm["var"], norm["m"])
         if blocked:
-            pooled = x[0].copy()  # (N, H_out, W_out, C)
-            for tap in x[1:]:
+            pooled = np.maximum(x[0], x[1])  # (N, H_out, W_out, C)
+            for tap in x[2:]:
                 np.maximum(pooled, tap, out=pooled)
             pooled = kernels.channels_first(pooled)
         else:
