@@ -56,8 +56,8 @@ def im2col(x, kh, kw, stride=1, padding=0, pool=1):
         is the convolution with a torch-layout weight w (F, C, kh, kw).
 
         With ``pool`` > 1 (out_h and out_w multiples of it) the rows are ordered (a, b, n, ph, pw)
-        for output pixel (pool*ph + a, pool*pw + b): the convolution's output then comes as
-        :func:`pool_blocks` lays it out, each tap of a pool x pool window one contiguous block.
+        for output pixel (pool*ph + a, pool*pw + b): the convolution's output then comes in
+        :func:`pool_blocks`, each tap of a pool x pool window one contiguous block.
 
     One strided view of the padded channels-last input and one copy: no loop at all.
     """
@@ -80,20 +80,30 @@ def im2col(x, kh, kw, stride=1, padding=0, pool=1):
     return patches.reshape(-1, kh * kw * C)
 
 
-def pool_blocks(x, pool):
-    """(N, C, H, W) -> (pool*pool, N, H//pool, W//pool, C), a compact copy: element [a*pool + b, n,
-    ph, pw, c] is x[n, c, pool*ph + a, pool*pw + b], so each tap of the pooling windows is one block."""
+def pool_blocks(x, pool, channels_last=True):
+    """The pool blocks of x (N, C, H, W), H and W multiples of ``pool``: a (pool*pool, N, C, H/pool,
+    W/pool) view whose element [a*pool + b, n, c, ph, pw] is x[n, c, pool*ph + a, pool*pw + b], over
+    a new array in which every tap of the pooling windows is one block: memory ordered (tap, n, ph,
+    pw, c) with ``channels_last`` (the rows of a pooled :func:`im2col` convolution), else (n, c, tap,
+    ph, pw) (the columns of a pooled :func:`im2col_taps` convolution)."""
     N, C, H, W = x.shape
-    blocks = channels_last(x).reshape(N, H // pool, pool, W // pool, pool, C).transpose(2, 4, 0, 1, 3, 5)
-    return np.ascontiguousarray(blocks).reshape(pool * pool, N, H // pool, W // pool, C)
+    ph, pw = H // pool, W // pool
+    windows = x.reshape(N, C, ph, pool, pw, pool)
+    if channels_last:
+        memory = np.ascontiguousarray(windows.transpose(3, 5, 0, 2, 4, 1)).reshape(pool * pool, N, ph, pw, C)
+        return memory.transpose(0, 1, 4, 2, 3)
+    memory = np.ascontiguousarray(windows.transpose(0, 1, 3, 5, 2, 4)).reshape(N, C, pool * pool, ph, pw)
+    return memory.transpose(2, 0, 1, 3, 4)
 
 
-def unpool_blocks(blocks, pool):
-    """Inverse of :func:`pool_blocks`: (pool*pool, N, ph, pw, C) -> (N, C, pool*ph, pool*pw), a view
-    of a new channels-last array."""
-    _, N, ph, pw, C = blocks.shape
-    x = blocks.reshape(pool, pool, N, ph, pw, C).transpose(2, 3, 0, 4, 1, 5)
-    return channels_first(np.ascontiguousarray(x).reshape(N, ph * pool, pw * pool, C))
+def unpool_blocks(blocks, pool, channels_last=False):
+    """Inverse of :func:`pool_blocks`: (pool*pool, N, C, ph, pw) -> (N, C, pool*ph, pool*pw), a new
+    array, channels-last memory if asked."""
+    _, N, C, ph, pw = blocks.shape
+    windows = blocks.reshape(pool, pool, N, C, ph, pw)
+    if channels_last:
+        return channels_first(windows.transpose(2, 4, 0, 5, 1, 3).reshape(N, ph * pool, pw * pool, C))
+    return windows.transpose(2, 3, 4, 0, 5, 1).reshape(N, C, ph * pool, pw * pool)
 
 
 def col2im_product(d, w_taps, x_shape, kh, kw, stride=1, padding=0):
@@ -120,7 +130,7 @@ def col2im_product(d, w_taps, x_shape, kh, kw, stride=1, padding=0):
     return channels_first(dxp[:, padding:padding + H, padding:padding + W, :])
 
 
-def im2col_taps(x, kh, kw, stride=1, padding=0):
+def im2col_taps(x, kh, kw, stride=1, padding=0, pool=1):
     """Unfold image patches sample by sample, the layout for few input channels (LeNet's conv1).
 
     Shape:
@@ -132,28 +142,40 @@ def im2col_taps(x, kh, kw, stride=1, padding=0):
     copied run is a whole output row (out_w floats). Per sample, the GEMMs stay in cache: with the
     whole batch as one (C*kh*kw, N*out_h*out_w) operand, OpenBLAS ran LeNet's conv1 2x slower and
     its weight gradient 6x slower.
+
+    With ``pool`` > 1 the columns are ordered (a, b, ph, pw) for output pixel (pool*ph + a,
+    pool*pw + b): the convolution's output then comes in :func:`pool_blocks` (not channels-last).
     """
     N, C, H, W = x.shape
     out_h = conv_output_size(H, kh, stride, padding)
     out_w = conv_output_size(W, kw, stride, padding)
     xp = pad2d(x, padding)
     sn, sc, sh, sw = xp.strides
-    patches = as_strided(xp, shape=(N, C, kh, kw, out_h, out_w),
-                         strides=(sn, sc, sh, sw, sh * stride, sw * stride), writeable=False)
+    sh_out, sw_out = sh * stride, sw * stride
+    if pool == 1:
+        shape, strides = (out_h, out_w), (sh_out, sw_out)
+    else:
+        shape = (pool, pool, out_h // pool, out_w // pool)
+        strides = (sh_out, sw_out, sh_out * pool, sw_out * pool)
+    patches = as_strided(xp, shape=(N, C, kh, kw) + shape, strides=(sn, sc, sh, sw) + strides, writeable=False)
     return patches.reshape(N, C * kh * kw, out_h * out_w)
 
 
-def col2im_taps(col, x_shape, kh, kw, stride=1, padding=0):
-    """Adjoint of :func:`im2col_taps`: fold (N, C*kh*kw, out_h*out_w) columns back into (N, C, H, W),
-    one strided slice-add per kernel tap."""
+def col2im_taps(col, x_shape, kh, kw, stride=1, padding=0, pool=1):
+    """Adjoint of :func:`im2col_taps` (with the same ``pool``): fold (N, C*kh*kw, out_h*out_w) columns
+    back into (N, C, H, W), one strided slice-add per kernel tap (and pooling-window tap)."""
     N, C, H, W = x_shape
-    out_h = conv_output_size(H, kh, stride, padding)
-    out_w = conv_output_size(W, kw, stride, padding)
-    taps = col.reshape(N, C, kh, kw, out_h, out_w)
+    out_h = conv_output_size(H, kh, stride, padding) // pool
+    out_w = conv_output_size(W, kw, stride, padding) // pool
+    taps = col.reshape(N, C, kh, kw, pool, pool, out_h, out_w)
     dxp = np.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=col.dtype)
+    step = stride * pool
     for i in range(kh):
         for j in range(kw):
-            dxp[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride] += taps[:, :, i, j]
+            for a in range(pool):
+                for b in range(pool):
+                    top, left = i + stride * a, j + stride * b
+                    dxp[:, :, top:top + step * out_h:step, left:left + step * out_w:step] += taps[:, :, i, j, a, b]
     return dxp[:, :, padding:padding + H, padding:padding + W]
 
 

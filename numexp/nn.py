@@ -320,15 +320,15 @@ class Conv2d(Module):
             self.params["bias"] = torch_default_uniform((out_channels,), fan_in, rng).astype(dt)
 
     # set by Sequential for one forward call when a pool-first group follows (see Sequential.forward):
-    # the output then comes as kernels.pool_blocks lays it out, (pool*pool, N, H_out/pool, W_out/pool, F)
+    # the output then comes as kernels.pool_blocks, (pool*pool, N, F, H_out/pool, W_out/pool)
     pool_blocks = 1
 
     def blocks_for(self, x_shape, pool):
-        """Whether :attr:`pool_blocks` = ``pool`` works for an input of ``x_shape``: the im2col method
-        and pooling windows that tile the output exactly."""
+        """Whether :attr:`pool_blocks` = ``pool`` works for an input of ``x_shape``: pooling windows
+        that tile the output exactly (and not the naive reference method)."""
         _, _, H, W = x_shape
         k, s, p = self.kernel_size, self.stride, self.padding
-        return (self.method == "im2col" and kernels.conv_output_size(H, k, s, p) % pool == 0
+        return (self.method != "naive" and kernels.conv_output_size(H, k, s, p) % pool == 0
                 and kernels.conv_output_size(W, k, s, p) % pool == 0)
 
     def forward(self, x):
@@ -347,12 +347,12 @@ class Conv2d(Module):
         if b is not None:
             out += b
         self._cache = (x.shape, col, w_rows, pool)
-        if pool > 1:
-            return out.reshape(pool * pool, N, out_h // pool, out_w // pool, F)
+        if pool > 1:  # rows (tap, n, ph, pw)
+            return out.reshape(pool * pool, N, out_h // pool, out_w // pool, F).transpose(0, 1, 4, 2, 3)
         return kernels.channels_first(out.reshape(N, out_h, out_w, F))
 
     def backward(self, dout):
-        """dout: (N, F, H_out, W_out), or the pool-block layout the forward call returned."""
+        """dout: (N, F, H_out, W_out), or pool blocks after a forward call that returned them."""
         w = self.params["weight"]
         if self.method == "naive":
             dx, dw, db = kernels.conv2d_naive_backward(dout, self._cache, w, self.stride, self.padding)
@@ -367,7 +367,7 @@ class Conv2d(Module):
         if pool > 1 and dout.ndim == 4:  # the group after this layer ran layer by layer after all
             dout = kernels.pool_blocks(dout, pool)
         # rows ordered like col's; free for our own outputs
-        d2 = (dout if pool > 1 else kernels.channels_last(dout)).reshape(-1, F)
+        d2 = (dout.transpose(0, 1, 3, 4, 2) if pool > 1 else kernels.channels_last(dout)).reshape(-1, F)
         dw_rows = d2.T @ col  # (F, k*k*C)
         self.grads["weight"] = dw_rows.reshape(F, k, k, -1).transpose(0, 3, 1, 2).copy()
         if "bias" in self.params:
@@ -375,26 +375,32 @@ class Conv2d(Module):
         if not self.needs_input_grad:
             return None
         if pool > 1:  # the slice-adds want rows in image order
-            d2 = kernels.channels_last(kernels.unpool_blocks(dout, pool)).reshape(-1, F)
+            d2 = kernels.channels_last(kernels.unpool_blocks(dout, pool, channels_last=True)).reshape(-1, F)
         w_taps = np.ascontiguousarray(w_rows.reshape(F, k * k, -1).transpose(1, 0, 2))  # (k*k, F, C)
         return kernels.col2im_product(d2, w_taps, x_shape, k, k, self.stride, self.padding)
 
     def _forward_taps(self, x, w, b):
         """The ``"taps"`` method: out[n] = w (F, C*k*k) @ col[n] (C*k*k, out_h*out_w), NCHW memory."""
         N, _, H, W = x.shape
-        k, s, p, F = self.kernel_size, self.stride, self.padding, self.out_channels
+        k, s, p, F, pool = self.kernel_size, self.stride, self.padding, self.out_channels, self.pool_blocks
         out_h, out_w = kernels.conv_output_size(H, k, s, p), kernels.conv_output_size(W, k, s, p)
-        col = kernels.im2col_taps(x, k, k, s, p)
+        col = kernels.im2col_taps(x, k, k, s, p, pool)
         out = np.matmul(w.reshape(F, -1), col)  # (N, F, out_h*out_w)
         if b is not None:
             out += b[:, None]
-        self._cache = (x.shape, col)
+        self._cache = (x.shape, col, pool)
+        if pool > 1:  # columns (tap, ph, pw)
+            return out.reshape(N, F, pool * pool, out_h // pool, out_w // pool).transpose(2, 0, 1, 3, 4)
         return out.reshape(N, F, out_h, out_w)
 
     def _backward_taps(self, dout, w):
-        x_shape, col = self._cache
+        x_shape, col, pool = self._cache
         F = self.out_channels
-        d = np.ascontiguousarray(dout).reshape(len(dout), F, -1)  # (N, F, out_h*out_w), free for NCHW
+        if pool > 1:
+            if dout.ndim == 4:  # the group after this layer ran layer by layer after all
+                dout = kernels.pool_blocks(dout, pool, channels_last=False)
+            dout = dout.transpose(1, 2, 0, 3, 4)  # (N, F, tap, ph, pw), like col's columns
+        d = np.ascontiguousarray(dout).reshape(len(dout), F, -1)  # (N, F, out_h*out_w), free for our own
         # a small GEMM per sample, summed: in cache, unlike one GEMM with an N*out_h*out_w inner size
         self.grads["weight"] = np.matmul(d, col.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)
         if "bias" in self.params:
@@ -402,7 +408,7 @@ class Conv2d(Module):
         if not self.needs_input_grad:
             return None
         k = self.kernel_size
-        return kernels.col2im_taps(np.matmul(w.reshape(F, -1).T, d), x_shape, k, k, self.stride, self.padding)
+        return kernels.col2im_taps(np.matmul(w.reshape(F, -1).T, d), x_shape, k, k, self.stride, self.padding, pool)
 
     def output_shape(self, in_shape):
         C, H, W = in_shape
@@ -854,11 +860,11 @@ class PoolFirst:
     :meth:`forward` returns None when it does not (a negative gamma), and the layers run one by one.
     The layers keep their parameters, statistics and gradients; only their ``_cache`` is skipped.
 
-    The input is (N, C, H, W), or, after a convolution told to (``Conv2d.pool_blocks``), the
-    (k*k, N, H/k, W/k, C) blocks of :func:`numexp.kernels.pool_blocks`: every window tap is then one
-    contiguous block, and the backward's per-tap work runs over long contiguous rows instead of
-    strided runs of C values (SimpleNet's first group: 9 -> 4 ms). The gradient comes back in the
-    input's layout.
+    The input is (N, C, H, W), or, after a convolution told to (``Conv2d.pool_blocks``), its
+    (k*k, N, C, H/k, W/k) :func:`numexp.kernels.pool_blocks`: every window tap is then one block of
+    long contiguous runs, not strided runs of C values (channels-last) or W/k values (NCHW), and the
+    per-tap work gets that much cheaper (SimpleNet's first group backward: 9 -> 4 ms). The gradient
+    comes back in the input's layout.
     """
 
     def __init__(self, bn, relu, pool):
@@ -880,17 +886,18 @@ class PoolFirst:
     def forward(self, x):
         """x: (N, C, H, W) or pool blocks -> (N, C, H_out, W_out), or None where the shortcut is not exact."""
         blocked = x.ndim == 5
-        rows = x.reshape(-1, x.shape[-1]) if blocked else (self.bn._rows(x) if self.bn is not None else None)
+        rows = None
+        if self.bn is not None:  # (M, C); free for channels-last memory
+            rows = np.moveaxis(x, 2, -1).reshape(-1, x.shape[2]) if blocked else self.bn._rows(x)
         norm = self._normalisation(rows)
         if norm is not None and not (norm["scale"] > 0).all():
             return None
         if norm is not None and norm["batch"]:
             self.bn.update_running(norm["mean"], norm["var"], norm["m"])
         if blocked:
-            pooled = np.maximum(x[0], x[1])  # (N, H_out, W_out, C)
+            pooled = np.maximum(x[0], x[1])  # (N, C, H_out, W_out) in the blocks' memory order
             for tap in x[2:]:
                 np.maximum(pooled, tap, out=pooled)
-            pooled = kernels.channels_first(pooled)
         else:
             pooled = self.pool.forward(x)  # caches (x, pooled): the winners for backward
         z = pooled if norm is None else pooled * norm["scale"][:, None, None] + norm["shift"][:, None, None]
@@ -947,15 +954,14 @@ class PoolFirst:
 
     @staticmethod
     def _backward_blocks(blocks, pooled, g, c1=None, c0=None):
-        """dx in the pool-block layout: ``c1 * x + c0`` (if given) plus ``g`` at each window's first
-        maximum. blocks: (T, N, H_out, W_out, C); pooled, g: (N, C, H_out, W_out) channels-last views."""
-        pooled, g = kernels.channels_last(pooled), kernels.channels_last(g)
+        """dx as pool blocks, in their memory order: ``c1 * x + c0`` (if given, per channel) plus ``g``
+        at each window's first maximum. blocks: (T, N, C, H_out, W_out); pooled, g: (N, C, H_out, W_out)."""
         dx = np.empty_like(blocks)
         for tap, first, d in zip(blocks, kernels.first_maxima(blocks, pooled), dx):
             np.multiply(g, first, out=d)
             if c1 is not None:
-                d += tap * c1
-                d += c0
+                d += tap * c1[:, None, None]
+                d += c0[:, None, None]
         return dx
 
 

@@ -207,14 +207,15 @@ def test_bn_relu_maxpool_pooled_first_matches_torch(shape, gamma, mode):
 @pytest.mark.parametrize("shape", [(4, 2, 8, 8), (4, 2, 7, 9)], ids=["tiled", "floor-mode"])
 @pytest.mark.parametrize("gamma", ["positive", "one-negative", "no-bn"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode):
+@pytest.mark.parametrize("method", ["im2col", "taps"])
+def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode, method):
     """Conv2d -> [BatchNorm2d ->] ReLU -> MaxPool2d(2): where the windows tile the conv's output, the
     conv hands it over in pool blocks (Conv2d.pool_blocks) to the pool-first group, which sends the
     gradient back in that layout; integer weights and inputs make ties everywhere. A declining group
     (negative scale) gets the output back as (N, C, H, W); floor mode never uses blocks."""
     rng = np.random.default_rng(8)
     # a bias before batch-statistics BN has a gradient of 0 up to rounding: none there, as in SimpleNet
-    layers = [nn.Conv2d(2, 3, 3, padding=1, bias=gamma == "no-bn", rng=rng)]
+    layers = [nn.Conv2d(2, 3, 3, padding=1, bias=gamma == "no-bn", method=method, rng=rng)]
     layers += [nn.BatchNorm2d(3)] if gamma != "no-bn" else []
     seq = nn.Sequential(*layers, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
     conv = seq["0"]
@@ -232,7 +233,7 @@ def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode):
     assert_state_close(seq, t, "running statistics")
     tiled = shape == (4, 2, 8, 8)
     blocked = tiled and gamma != "one-negative"
-    assert conv._cache[3] == (2 if tiled else 1)  # the conv's layout; the group may decline it
+    assert conv._cache[-1] == (2 if tiled else 1)  # the conv's layout; the group may decline it
     steps = [type(step).__name__ for step in seq._ran]
     if gamma == "one-negative":
         assert steps == ["Conv2d", "BatchNorm2d", "PoolFirst", "Flatten"]
@@ -242,14 +243,33 @@ def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode):
     assert (group._cache[3] is not None) == blocked
 
 
-def test_pool_blocks_order_im2col_rows_and_unpool_blocks_inverts_them():
+@pytest.mark.parametrize("channels_last", [True, False], ids=["im2col-rows", "taps-columns"])
+def test_pooled_unfolds_give_pool_blocks_and_unpool_blocks_inverts_them(channels_last):
     rng = np.random.default_rng(9)
     x = rng.standard_normal((3, 2, 6, 8))
-    w_rows = rng.standard_normal((5, 18))
+    w_rows = rng.standard_normal((5, 18))  # (F, 9*C), columns (i, j, c)
     plain = kernels.channels_first((kernels.im2col(x, 3, 3, 1, 1) @ w_rows.T).reshape(3, 6, 8, 5))
-    blocked = (kernels.im2col(x, 3, 3, 1, 1, pool=2) @ w_rows.T).reshape(4, 3, 3, 4, 5)
-    np.testing.assert_array_equal(blocked, kernels.pool_blocks(plain, 2))
-    np.testing.assert_array_equal(kernels.unpool_blocks(blocked, 2), plain)
+    if channels_last:
+        blocked = (kernels.im2col(x, 3, 3, 1, 1, pool=2) @ w_rows.T).reshape(4, 3, 3, 4, 5).transpose(0, 1, 4, 2, 3)
+    else:
+        w_taps = w_rows.reshape(5, 3, 3, 2).transpose(0, 3, 1, 2).reshape(5, 18)  # columns (c, i, j)
+        cols = np.matmul(w_taps, kernels.im2col_taps(x, 3, 3, 1, 1, pool=2))  # (N, F, tap*ph*pw)
+        blocked = cols.reshape(3, 5, 4, 3, 4).transpose(2, 0, 1, 3, 4)
+    np.testing.assert_allclose(blocked, kernels.pool_blocks(plain, 2, channels_last), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(kernels.unpool_blocks(kernels.pool_blocks(plain, 2, channels_last), 2), plain)
+    assert kernels.unpool_blocks(blocked, 2, channels_last=True).transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def test_col2im_taps_with_pool_is_the_adjoint_of_im2col_taps_with_pool():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 3, 7, 9))
+    col = kernels.im2col_taps(x, 3, 3, 1, 0, pool=1)  # 5x7 output: not pooled, the plain case first
+    c = rng.standard_normal(col.shape)
+    assert np.isclose(np.vdot(col, c), np.vdot(x, kernels.col2im_taps(c, x.shape, 3, 3, 1, 0)))
+    x = rng.standard_normal((2, 3, 8, 6))
+    col = kernels.im2col_taps(x, 3, 3, 1, 1, pool=2)
+    c = rng.standard_normal(col.shape)
+    assert np.isclose(np.vdot(col, c), np.vdot(x, kernels.col2im_taps(c, x.shape, 3, 3, 1, 1, pool=2)))
 
 
 def test_relu_maxpool_pooled_first_with_ties_matches_torch():
