@@ -1,7 +1,7 @@
 """Array kernels behind the layers: output sizes, im2col and its adjoint, pool blocks, window taps.
 
-Plain functions on NumPy arrays. They loop over kernel taps (at most kh*kw
-iterations), never over samples or pixels.
+Plain functions on NumPy arrays. They loop over kernel taps and pooling-window taps (at
+most kh*kw*pool*pool iterations), never over samples or pixels.
 """
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
