@@ -7,7 +7,8 @@
 For each model and thread count it times a training step (forward + loss + backward + SGD
 step, batch 64, float32) and an eval forward pass, in settled rounds that alternate which
 framework goes first (OpenBLAS threads spin for a while after a call and slow whatever runs
-next), and reports medians, the ratio numexp/torch, the achieved GFLOP/s against a plain
+next), and reports medians, the speed ratio numexp/torch (the median of the ratios of paired
+rounds, which a machine drifting over minutes does not skew), the achieved GFLOP/s against a plain
 float32 GEMM measured on the spot, and each framework's peak memory (in a fresh process).
 Without torch installed it reports numexp alone.
 
@@ -121,7 +122,7 @@ class TorchRunner:
 
 
 def time_rounds(runners, rounds, steps, pause):
-    """Median seconds per call of each (label, fn) in ``runners``, alternating who goes first."""
+    """Seconds per call of each (label, fn) in ``runners``, one value per round, alternating who goes first."""
     times = {label: [] for label, _ in runners}
     for r in range(rounds):
         order = runners if r % 2 == 0 else runners[::-1]
@@ -131,7 +132,16 @@ def time_rounds(runners, rounds, steps, pause):
             for _ in range(steps):
                 fn()
             times[label].append((time.perf_counter() - t) / steps)
-    return {label: float(np.median(v)) for label, v in times.items()}
+    return times
+
+
+def paired_ratio(times, label, reference="torch"):
+    """Median over rounds of reference's time / label's time in the same round (above 1: ``label`` is
+    faster). Both ran seconds apart, so a machine that drifts over minutes (other tenants, clock
+    changes) moves both sides of each pair alike; a ratio of the two medians would not cancel it."""
+    if reference not in times:
+        return float("nan")
+    return float(np.median(np.array(times[reference]) / np.array(times[label])))
 
 
 # --------------------------------------------------------------------------- per-layer times
@@ -382,10 +392,13 @@ def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True):
         # after the headline rounds, so the instruments never touch the throughput numbers
         layer_rows = time_layers(name, threads, clocks, rounds, steps, pause) if layers else []
     flops = step_flops(ours.model, BATCH)
-    rows = [dict(model=name, threads=threads, framework=label,
-                 train_img_s=BATCH / train_s[label], eval_img_s=BATCH / eval_s[label],
-                 train_ms=1000 * train_s[label], train_gflop_s=flops / train_s[label] / 1e9)
-            for label in train_s]
+    rows = []
+    for label in train_s:
+        train_median, eval_median = float(np.median(train_s[label])), float(np.median(eval_s[label]))
+        rows.append(dict(model=name, threads=threads, framework=label,
+                         train_img_s=BATCH / train_median, eval_img_s=BATCH / eval_median,
+                         train_ms=1000 * train_median, train_gflop_s=flops / train_median / 1e9,
+                         train_vs_torch=paired_ratio(train_s, label), eval_vs_torch=paired_ratio(eval_s, label)))
     return rows, layer_rows
 
 
@@ -538,7 +551,6 @@ def main(argv=None):
                 row["machine"] = machine
                 rows.append(row)
             layer_rows += model_layer_rows
-    add_ratios(rows)
     print_table(rows)
     if layer_rows:
         print_layer_table(layer_rows, steps=args.rounds * args.steps)
@@ -551,15 +563,6 @@ def main(argv=None):
         if layer_rows:
             written.append(plot_layers(layer_rows, paths["layers_png"]))
     print("wrote " + ", ".join(written))
-
-
-def add_ratios(rows):
-    """numexp's train/eval ratio to torch on the same model and thread count (NaN where torch is absent)."""
-    torch_rows = {(r["model"], r["threads"]): r for r in rows if r["framework"] == "torch"}
-    for r in rows:
-        ref = torch_rows.get((r["model"], r["threads"]))
-        r["train_vs_torch"] = r["train_img_s"] / ref["train_img_s"] if ref else float("nan")
-        r["eval_vs_torch"] = r["eval_img_s"] / ref["eval_img_s"] if ref else float("nan")
 
 
 # new columns go at the end: scripts and the README read these by name and position

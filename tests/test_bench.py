@@ -173,3 +173,12 @@ def test_sweep_failure_names_the_command_and_the_cause(tmp_path):
     from numexp import bench_sweep
     with pytest.raises(RuntimeError, match=r"(?s)the sweep failed \(exit 1\).*numexp -m lr=-1.*must be > 0"):
         bench_sweep.time_sweep(["lr=-1", "seed=0,1"], 1, tmp_path / "sweep")
+
+
+def test_ratio_pairs_the_rounds_so_a_drifting_machine_cancels_out():
+    # the machine slows down 3x over the rounds; numexp is 1.5x faster in every round
+    drift = np.array([1.0, 1.5, 2.0, 3.0, 3.0])
+    times = {"numexp": list(2.0 * drift), "torch": list(3.0 * drift)}
+    assert bench.paired_ratio(times, "numexp") == pytest.approx(1.5)
+    assert bench.paired_ratio(times, "torch") == 1.0
+    assert math.isnan(bench.paired_ratio({"numexp": [1.0]}, "numexp"))  # no torch: no ratio
