@@ -438,7 +438,7 @@ def memory_probe(framework, name, threads, steps):
 
 
 def output_paths(out):
-    """The files written beside the ``--out`` CSV: per-layer CSV and the two charts."""
+    """The files written beside the ``--out`` CSV: per-layer CSV, the two charts and the sweep CSV."""
     stem = os.path.splitext(out)[0]
     return dict(csv=out, layers_csv=f"{stem}_layers.csv", png=f"{stem}.png", layers_png=f"{stem}_layers.png",
                 sweep_csv=f"{stem}_sweep.csv")

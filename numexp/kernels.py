@@ -70,14 +70,22 @@ def im2col(x, kh, kw, stride=1, padding=0, pool=1):
         # patch's channels from far apart; one compact channels-last copy first is far cheaper
         xp = np.ascontiguousarray(xp)
     sn, sh, sw, sc = xp.strides
+    (taps, tap_strides), (grid, grid_strides) = _output_pixels(out_h, out_w, sh, sw, stride, pool)
+    patches = as_strided(xp, shape=taps + (N,) + grid + (kh, kw, C),
+                         strides=tap_strides + (sn,) + grid_strides + (sh, sw, sc), writeable=False)
+    return patches.reshape(-1, kh * kw * C)
+
+
+def _output_pixels(out_h, out_w, sh, sw, stride, pool):
+    """Axes of a convolution's output pixels over an input with row and column strides sh, sw:
+    ((pool-window tap axes, their strides), (grid axes, their strides)). Without pooling the grid is
+    (out_h, out_w) and there are no tap axes; with it, pixel (pool*ph + a, pool*pw + b) sits at tap
+    (a, b) of grid cell (ph, pw)."""
     sh_out, sw_out = sh * stride, sw * stride
     if pool == 1:
-        shape, strides = (N, out_h, out_w), (sn, sh_out, sw_out)
-    else:
-        shape = (pool, pool, N, out_h // pool, out_w // pool)
-        strides = (sh_out, sw_out, sn, sh_out * pool, sw_out * pool)
-    patches = as_strided(xp, shape=shape + (kh, kw, C), strides=strides + (sh, sw, sc), writeable=False)
-    return patches.reshape(-1, kh * kw * C)
+        return ((), ()), ((out_h, out_w), (sh_out, sw_out))
+    return (((pool, pool), (sh_out, sw_out)),
+            ((out_h // pool, out_w // pool), (sh_out * pool, sw_out * pool)))
 
 
 def pool_blocks(x, pool, channels_last=True):
@@ -151,13 +159,9 @@ def im2col_taps(x, kh, kw, stride=1, padding=0, pool=1):
     out_w = conv_output_size(W, kw, stride, padding)
     xp = pad2d(x, padding)
     sn, sc, sh, sw = xp.strides
-    sh_out, sw_out = sh * stride, sw * stride
-    if pool == 1:
-        shape, strides = (out_h, out_w), (sh_out, sw_out)
-    else:
-        shape = (pool, pool, out_h // pool, out_w // pool)
-        strides = (sh_out, sw_out, sh_out * pool, sw_out * pool)
-    patches = as_strided(xp, shape=(N, C, kh, kw) + shape, strides=(sn, sc, sh, sw) + strides, writeable=False)
+    (taps, tap_strides), (grid, grid_strides) = _output_pixels(out_h, out_w, sh, sw, stride, pool)
+    patches = as_strided(xp, shape=(N, C, kh, kw) + taps + grid,
+                         strides=(sn, sc, sh, sw) + tap_strides + grid_strides, writeable=False)
     return patches.reshape(N, C * kh * kw, out_h * out_w)
 
 

@@ -957,10 +957,11 @@ class PoolFirst:
         """dx as pool blocks, in their memory order: ``c1 * x + c0`` (if given, per channel) plus ``g``
         at each window's first maximum. blocks: (T, N, C, H_out, W_out); pooled, g: (N, C, H_out, W_out)."""
         dx = np.empty_like(blocks)
+        scaled = np.empty_like(g) if c1 is not None else None  # reused by every tap: no temporaries
         for tap, first, d in zip(blocks, kernels.first_maxima(blocks, pooled), dx):
             np.multiply(g, first, out=d)
             if c1 is not None:
-                d += tap * c1[:, None, None]
+                d += np.multiply(tap, c1[:, None, None], out=scaled)
                 d += c0[:, None, None]
         return dx
 
