@@ -1,0 +1,5 @@
+"""numexp: run and report neural-network experiments written from scratch in NumPy."""
+# before anything imports NumPy: OpenBLAS reads its kernel choice once, when it is loaded
+from numexp import kernels_choice
+
+kernels_choice.apply()

@@ -32,7 +32,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from numexp import bench_sweep, losses, models, nn, optim
+from numexp import bench_sweep, kernels_choice, losses, models, nn, optim
 
 BENCH_MODELS = {
     "simplenet": dict(in_shape=(3, 32, 32), num_classes=43, options={}),
@@ -462,15 +462,17 @@ def machine_description(use_torch):
     return ", ".join(parts)
 
 
-# OpenBLAS kernel families compared by --coretypes: the one this CPU gets without a choice, and the
-# two a user could force with $OPENBLAS_CORETYPE (AVX2 and AVX-512)
+# OpenBLAS kernel families compared by --coretypes: what numexp runs with when the user sets nothing
+# (numexp's choice, numexp.kernels_choice, or else OpenBLAS's), and the two a user can force with
+# $OPENBLAS_CORETYPE (AVX2 and AVX-512)
 CORETYPES = (None, "Haswell", "SkylakeX")
 
 
 def coretype_gemm(coretype, threads):
     """(kernels OpenBLAS reports, float32 GEMM GFLOP/s) in a fresh process with ``$OPENBLAS_CORETYPE``
-    set to ``coretype`` (None: unset). OpenBLAS reads it once, when NumPy is first imported."""
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    set to ``coretype`` (None: unset, so numexp's own choice applies). OpenBLAS reads it once, when NumPy
+    is first imported."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", kernels_choice.MARK)}
     if coretype:
         env["OPENBLAS_CORETYPE"] = coretype
     code = ("import json; from threadpoolctl import threadpool_info; from numexp.bench import gemm_gflops; "
@@ -482,14 +484,13 @@ def coretype_gemm(coretype, threads):
 
 
 def print_coretypes(threads_list):
-    """The effect of OpenBLAS's kernel choice on this machine: numexp leaves it to OpenBLAS (it sets no
-    ``$OPENBLAS_CORETYPE``) and records the kernels in each run's summary.json; this shows what forcing
-    them would change."""
+    """The effect of OpenBLAS's kernel choice on this machine: numexp's default (see
+    :mod:`numexp.kernels_choice`, recorded in each run's summary.json) against each forced family."""
     print("OpenBLAS kernels, float32 GEMM 64x4096x3072 in a fresh process:")
     for threads in threads_list:
         for coretype in CORETYPES:
             kernels_used, gflops = coretype_gemm(coretype, threads)
-            chosen = f"OPENBLAS_CORETYPE={coretype}" if coretype else "OpenBLAS's own choice"
+            chosen = f"OPENBLAS_CORETYPE={coretype}" if coretype else "unset (numexp's default)"
             print(f"  {threads} thread(s), {chosen:<28} -> {kernels_used}: {gflops:.1f} GFLOP/s")
 
 
@@ -507,7 +508,7 @@ def main(argv=None):
     parser.add_argument("--out", default="results/bench.csv",
                         help="CSV file for the table; the per-layer CSV and the PNGs go beside it")
     parser.add_argument("--coretypes", action="store_true",
-                        help="only compare the GEMM rate under OpenBLAS's own kernel choice and forced Haswell "
+                        help="only compare the GEMM rate under numexp's default OpenBLAS kernels and forced Haswell "
                              "(AVX2) / SkylakeX (AVX-512) kernels, each in a fresh process")
     parser.add_argument("--sweep", action="store_true",
                         help="only time a multirun of 4 equal runs with n_jobs=2 against n_jobs=1 (1 BLAS thread "

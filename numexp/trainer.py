@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from numexp import blas, config, data, losses, models, nn, optim, provenance, schedules
+from numexp import blas, config, data, kernels_choice, losses, models, nn, optim, provenance, schedules
 from numexp.rundir import CHECKPOINT, GIT_DIFF, RunDir, RunDirError, check_same_run
 from numexp.summary import layer_summary
 
@@ -518,14 +518,15 @@ def _overrides():
 
 
 def _blas_threads():
-    """Threads in effect and kernels chosen per BLAS library, e.g.
-    ``[{"library": "openblas", "num_threads": 1, "architecture": "SkylakeX"}]``.
+    """Threads in effect and kernels in use per BLAS library, e.g.
+    ``[{"library": "openblas", "num_threads": 1, "architecture": "Haswell", "kernels_choice": {...}}]``.
 
-    numexp does not pick OpenBLAS kernels itself (the wheels' OpenBLAS already selects the AVX-512
-    ones on this machine's CPU); recording the choice keeps timings comparable across machines, as
-    does ``direct_gemm``: whether FC updates go through :mod:`numexp.blas` (its source) or NumPy."""
+    ``kernels_choice`` says whose choice OpenBLAS's kernels are and why (:mod:`numexp.kernels_choice`);
+    ``direct_gemm`` whether FC updates go through :mod:`numexp.blas` (its source) or NumPy. Both keep
+    timings comparable across machines."""
     return [{"library": i["internal_api"], "num_threads": i["num_threads"], "architecture": i.get("architecture"),
-             "direct_gemm": blas.source() if i["internal_api"] == "openblas" else None}
+             **({"kernels_choice": dict(kernels_choice.decision), "direct_gemm": blas.source()}
+                if i["internal_api"] == "openblas" else {})}
             for i in threadpool_info() if i["user_api"] == "blas"]
 
 

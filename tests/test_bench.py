@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from numexp import bench, nn
+from numexp import bench, kernels_choice, nn
 
 MODEL = "simple_convnet"  # the cheapest bench model: a tiny run takes well under a second
 TINY = ["--models", MODEL, "--threads", "1", "--rounds", "1", "--steps", "1", "--pause", "0", "--no-memory"]
@@ -146,13 +146,15 @@ def test_torch_clock_removes_its_hooks():
 
 
 def test_coretypes_forces_openblas_kernels_in_a_fresh_process_only():
-    """numexp leaves the kernel choice to OpenBLAS; the bench shows what forcing it would do."""
+    """The bench shows numexp's default kernels against each forced family, without touching its own."""
     import os
 
-    forced, gflops = bench.coretype_gemm("Haswell", 1)
-    assert forced == "Haswell" and gflops > 0
-    own, _ = bench.coretype_gemm(None, 1)
-    assert own and "OPENBLAS_CORETYPE" not in os.environ
+    before = os.environ.get("OPENBLAS_CORETYPE")
+    forced, gflops = bench.coretype_gemm("SkylakeX", 1)
+    assert forced == "SkylakeX" and gflops > 0
+    default, _ = bench.coretype_gemm(None, 1)
+    assert default == (kernels_choice.fresh_process_choice() or default)
+    assert os.environ.get("OPENBLAS_CORETYPE") == before
 
 
 def test_sweep_times_both_launch_modes_and_reads_every_run(run_bench, capsys):
