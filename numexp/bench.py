@@ -32,7 +32,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from numexp import bench_sweep, kernels_choice, losses, models, nn, optim
+from numexp import bench_sweep, kernels_choice, losses, models, nn, optim, parallel
 
 BENCH_MODELS = {
     "simplenet": dict(in_shape=(3, 32, 32), num_classes=43, options={}),
@@ -82,22 +82,38 @@ def gemm_gflops(threads, m=64, k=4096, n=3072, repeat=20):
 
 
 class NumexpRunner:
-    def __init__(self, name, spec, rng):
+    """numexp's training step and eval pass as the trainer runs them on ``threads`` cores: data-parallel
+    replicas with BLAS on one thread for a network that allows it, else one network with BLAS on
+    ``threads`` and the large Linear layers updating inside backward."""
+
+    def __init__(self, name, spec, rng, threads=1):
         self.model = models.build(name, spec["in_shape"], spec["num_classes"], rng=rng, **spec["options"])
         self.model.set_input_grad(False)  # as torch, which needs no gradient for a plain input tensor
         self.loss = losses.build("softmax")
         self.opt = optim.build("sgd", self.model, lr=1e-3)
-        self.opt.fuse_into_backward()  # as the trainer does: large Linear layers update inside backward
+        self.replicas, self.blas_threads = parallel.workers_for(self.model, threads)
+        if self.replicas > 1:
+            self.net = parallel.DataParallel(self.model, self.replicas)
+        else:
+            self.net = self.model
+            self.opt.fuse_into_backward()
+
+    def limits(self, threads):
+        """numexp's BLAS threads, and torch's OpenMP ones, for a round at ``threads`` threads."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(threadpool_limits(threads, user_api="openmp"))
+        stack.enter_context(threadpool_limits(self.blas_threads, user_api="blas"))
+        return stack
 
     def train_step(self, x, y):
-        self.model.train()
-        _, dscores = self.loss(self.model(x), y)
-        self.model.backward(dscores)
+        self.net.train()
+        _, dscores = self.loss(self.net(x), y)
+        self.net.backward(dscores)
         self.opt.step()
 
     def eval_step(self, x):
-        self.model.eval()
-        self.model(x)
+        self.net.eval()
+        self.net(x)
 
 
 class TorchRunner:
@@ -128,6 +144,9 @@ def time_rounds(runners, rounds, steps, pause):
         order = runners if r % 2 == 0 else runners[::-1]
         for label, fn in order:
             time.sleep(pause)  # let spinning BLAS threads of the previous round settle
+            # one untimed step: the first after a pause runs on caches and cores the host gave to others
+            # meanwhile (a LeNet-5 round of 10 steps measured 15-30% slower with it timed)
+            fn()
             t = time.perf_counter()
             for _ in range(steps):
                 fn()
@@ -355,11 +374,19 @@ def time_layers(name, threads, clocks, rounds, steps, pause):
     numexp_model = clocks["numexp"][0].runner.model
     nan = float("nan")
     fused = {n for n, layer in numexp_model.children() if getattr(layer, "fused_update", None) is not None}
+    replicas = clocks["numexp"][0].runner.replicas
+
+    def note(layer, direction):
+        if layer in fused and direction == "backward":
+            return f"numexp's {layer} backward includes its SGD weight update (fused), the optimizer row does not"
+        if replicas > 1 and (layer, direction) == ("step", "total"):
+            return (f"numexp's rows time one network on the whole batch with BLAS on 1 thread; its training "
+                    f"steps run {replicas} such replicas at once, each on a slice of the batch")
+        return ""
     return [dict(model=name, threads=threads, layer=layer, direction=direction,
                  numexp_ms=medians["numexp"].get((layer, direction), nan),
                  torch_ms=sum(medians.get("torch", {}).get((part, direction), nan) for part in layer.split("+")),
-                 note=f"numexp's {layer} backward includes its SGD weight update (fused), the optimizer "
-                      f"row does not" if layer in fused and direction == "backward" else "")
+                 note=note(layer, direction))
             for layer, direction in step_keys(numexp_model)]
 
 
@@ -370,7 +397,7 @@ def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH,) + spec["in_shape"], dtype=np.float32)
     y = rng.integers(0, spec["num_classes"], BATCH)
-    ours = NumexpRunner(name, spec, rng)
+    ours = NumexpRunner(name, spec, rng, threads)
     train = [("numexp", lambda: ours.train_step(x, y))]
     evals = [("numexp", lambda: ours.eval_step(x))]
     numexp_clock = NumexpLayerClock(ours)
@@ -384,7 +411,7 @@ def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True):
         evals.append(("torch", lambda: theirs.eval_step(tx)))
         torch_clock = TorchLayerClock(theirs)
         clocks["torch"] = (torch_clock, lambda: torch_clock.train_step(tx, ty))
-    with threadpool_limits(threads):
+    with ours.limits(threads):
         for _, fn in train + evals:  # warm-up: first calls allocate and load kernels
             fn(), fn()
         train_s = time_rounds(train, rounds, steps, pause)
@@ -427,11 +454,11 @@ def memory_probe(framework, name, threads, steps):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH,) + spec["in_shape"], dtype=np.float32)
     y = rng.integers(0, spec["num_classes"], BATCH)
-    runner = NumexpRunner(name, spec, rng)
+    runner = ours = NumexpRunner(name, spec, rng, threads)
     if framework == "torch":
         runner = TorchRunner(runner.model)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
-    with threadpool_limits(threads):
+    with ours.limits(threads):
         for _ in range(steps):
             runner.train_step(x, y)
     print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - base) / 1024}))

@@ -25,7 +25,8 @@ from hydra.types import RunMode
 from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from numexp import blas, config, data, kernels_choice, losses, models, nn, optim, provenance, schedules
+from numexp import (blas, config, data, kernels_choice, losses, models, nn, optim, parallel, provenance,
+                    schedules)
 from numexp.rundir import CHECKPOINT, GIT_DIFF, RunDir, RunDirError, check_same_run
 from numexp.summary import layer_summary
 
@@ -121,11 +122,13 @@ def train(cfg, out_dir=None):
         with threadpool_limits(limits=int(cfg.threads)):
             summary["blas"] = _blas_threads()
             trainer = Trainer(cfg, run, run_hash)
-            summary.update(trainer.describe())
-            if resume:
-                trainer.restore()
-            summary["resumed_from_epochs"] = trainer.resumed_from
-            trainer.fit()
+            with threadpool_limits(limits=trainer.blas_threads):  # 1 when the replicas use the cores
+                summary["blas"] = _blas_threads()
+                summary.update(trainer.describe())
+                if resume:
+                    trainer.restore()
+                summary["resumed_from_epochs"] = trainer.resumed_from
+                trainer.fit()
         summary["status"] = "completed"
     except Diverged as e:
         _fail(summary, "diverged", str(e))
@@ -139,6 +142,7 @@ def train(cfg, out_dir=None):
         raise
     finally:
         if trainer is not None:
+            trainer.close()
             summary.update(trainer.results())
         summary["wall_seconds"] = round(time.perf_counter() - start, 3)
         summary["end_time"] = provenance.now_iso()
@@ -196,7 +200,13 @@ class Trainer:
         self.model.set_input_grad(False)  # nobody needs the gradient of the images
         self.batch_rng = np.random.default_rng(batch_seq)
         self.loss_fn, self.opt, self.schedule, self.augment = build_components(cfg, self.model)
-        self.opt.fuse_into_backward()  # every backward here is followed by a step
+        # the cores go to data-parallel replicas of a small network, or else to BLAS
+        self.replicas, self.blas_threads = parallel.workers_for(self.model, cfg.threads)
+        if self.replicas > 1:
+            self.net = parallel.DataParallel(self.model, self.replicas)
+        else:
+            self.net = self.model
+            self.opt.fuse_into_backward()  # every backward here is followed by a step
         self.best = Best()
         self.stopped_early = False
         self.epochs = planned_epochs(cfg)
@@ -213,8 +223,13 @@ class Trainer:
         """What the summary records about the model and the data (normalisation included, so the
         checkpoint can be used on new images later)."""
         return {"model": {"name": self.cfg.model.name, "num_params": int(self.model.num_params())},
+                "parallel": {"replicas": self.replicas, "blas_threads": self.blas_threads},
                 "data": {**self.ds.info, "class_names": list(self.ds.class_names)},
                 "checkpoint": CHECKPOINT}
+
+    def close(self):
+        if self.net is not self.model:
+            self.net.close()
 
     def fit(self):
         fit_start = time.perf_counter()
@@ -263,7 +278,7 @@ class Trainer:
 
     def train_epoch(self, epoch):
         """One pass over the training set; returns (mean loss, accuracy of the training-mode scores)."""
-        self.model.train()
+        self.net.train()
         total_loss, correct, seen = 0.0, 0, 0
         batches = data.batches(self.ds.x_train, self.ds.y_train, int(self.cfg.batch_size),
                                rng=self.batch_rng, augment=self.augment)
@@ -277,12 +292,12 @@ class Trainer:
                 raise InjectedFault(f"injected fault at epoch {epoch}, step {step} (${FAULT_ENV})")
             # overflow is reported once, as divergence below, instead of as numpy warnings
             with np.errstate(over="ignore", invalid="ignore"):
-                scores = self.model(xb)
+                scores = self.net(xb)
                 loss, dscores = self.loss_fn(scores, yb)
             if not math.isfinite(loss):
                 raise Diverged(f"loss became {loss} in epoch {epoch}, step {step} (lr {self.opt.lr:g}): "
                                f"try a smaller lr")
-            self.model.backward(dscores)
+            self.net.backward(dscores)
             self.opt.step()
             total_loss += loss * len(yb)
             correct += int(np.count_nonzero(scores.argmax(axis=1) == yb))
@@ -291,9 +306,9 @@ class Trainer:
 
     def predict(self, x):
         """Predicted classes in eval mode, in batches of ``eval_batch_size``. Shape: (N, ...) -> (N,)."""
-        self.model.eval()
+        self.net.eval()
         size = int(self.cfg.eval_batch_size)
-        parts = [self.model(x[i:i + size]).argmax(axis=1) for i in range(0, len(x), size)]
+        parts = [self.net(x[i:i + size]).argmax(axis=1) for i in range(0, len(x), size)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     @staticmethod
