@@ -5,7 +5,8 @@ A network like LeNet-5 spends a training step in some 150 NumPy calls on small a
 threads cannot speed those up (most of them are not GEMMs, and the GEMMs are too small to split
 well), but two copies of the network, each on half the batch in its own Python thread, can: NumPy
 releases the GIL inside its loops, so the halves run on both cores at once. On the bench machine
-(2 cores) a LeNet-5 step took 4.2-4.8 ms this way against 5.1-6.4 ms with two BLAS threads.
+(2 cores), in long runs of steps, a LeNet-5 step took 4.2-4.8 ms this way against 5.2-6.4 ms with
+two BLAS threads; in the bench's short rounds after an idle pause the two measured the same.
 
 It is exact only for networks whose samples do not interact in a training step: no BatchNorm
 (batch statistics) and no Dropout (one mask stream). :func:`workers_for` decides; the replicas share
