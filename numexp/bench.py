@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -137,16 +138,20 @@ class TorchRunner:
             self.model(x)
 
 
-def time_rounds(runners, rounds, steps, pause):
+def time_rounds(runners, rounds, steps, pause, warmup=0.0):
     """Seconds per call of each (label, fn) in ``runners``, one value per round, alternating who goes first."""
     times = {label: [] for label, _ in runners}
     for r in range(rounds):
         order = runners if r % 2 == 0 else runners[::-1]
         for label, fn in order:
             time.sleep(pause)  # let spinning BLAS threads of the previous round settle
-            # one untimed step: the first after a pause runs on caches and cores the host gave to others
-            # meanwhile (a LeNet-5 round of 10 steps measured 15-30% slower with it timed)
+            # untimed steps for ``warmup`` seconds (at least one): the first steps after a pause run on
+            # caches and cores the host gave to others meanwhile (LeNet-5's first 8 steps after 0.3 s
+            # measured up to 2x slower than the ones after them, torch's first one or two)
+            start = time.perf_counter()
             fn()
+            while time.perf_counter() - start < warmup:
+                fn()
             t = time.perf_counter()
             for _ in range(steps):
                 fn()
@@ -355,7 +360,7 @@ def step_keys(model):
             + [("optimizer", "step"), ("other", "between layers"), ("step", "total")])
 
 
-def time_layers(name, threads, clocks, rounds, steps, pause):
+def time_layers(name, threads, clocks, rounds, steps, pause, warmup=0.0):
     """Per-layer rows of one model: median ms per (layer, direction) over every instrumented step.
 
     ``clocks`` maps a framework label to (clock, step function); the rounds alternate and pause as
@@ -369,7 +374,7 @@ def time_layers(name, threads, clocks, rounds, steps, pause):
             fn()
         for clock, _ in clocks.values():
             clock.times.reset()
-        time_rounds(runners, rounds, steps, pause)
+        time_rounds(runners, rounds, steps, pause, warmup)
     medians = {label: clock.times.medians_ms() for label, (clock, _) in clocks.items()}
     numexp_model = clocks["numexp"][0].runner.model
     nan = float("nan")
@@ -381,7 +386,7 @@ def time_layers(name, threads, clocks, rounds, steps, pause):
             return f"numexp's {layer} backward includes its SGD weight update (fused), the optimizer row does not"
         if replicas > 1 and (layer, direction) == ("step", "total"):
             return (f"numexp's rows time one network on the whole batch with BLAS on 1 thread; its training "
-                    f"steps run {replicas} such replicas at once, each on a slice of the batch")
+                    f"steps run {replicas} such replicas at once (processes), each on a slice of the batch")
         return ""
     return [dict(model=name, threads=threads, layer=layer, direction=direction,
                  numexp_ms=medians["numexp"].get((layer, direction), nan),
@@ -390,7 +395,7 @@ def time_layers(name, threads, clocks, rounds, steps, pause):
             for layer, direction in step_keys(numexp_model)]
 
 
-def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True):
+def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True, warmup=0.0):
     """Rows for ``name`` at ``threads`` threads: one per framework (train and eval images/s) and,
     with ``layers``, one per (layer, direction) of a training step (see :func:`time_layers`)."""
     spec = BENCH_MODELS[name]
@@ -414,10 +419,10 @@ def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True):
     with ours.limits(threads):
         for _, fn in train + evals:  # warm-up: first calls allocate and load kernels
             fn(), fn()
-        train_s = time_rounds(train, rounds, steps, pause)
-        eval_s = time_rounds(evals, rounds, steps, pause)
+        train_s = time_rounds(train, rounds, steps, pause, warmup)
+        eval_s = time_rounds(evals, rounds, steps, pause, warmup)
         # after the headline rounds, so the instruments never touch the throughput numbers
-        layer_rows = time_layers(name, threads, clocks, rounds, steps, pause) if layers else []
+        layer_rows = time_layers(name, threads, clocks, rounds, steps, pause, warmup) if layers else []
     flops = step_flops(ours.model, BATCH)
     rows = []
     for label in train_s:
@@ -461,7 +466,13 @@ def memory_probe(framework, name, threads, steps):
     with ours.limits(threads):
         for _ in range(steps):
             runner.train_step(x, y)
-    print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - base) / 1024}))
+    peak_kb = _rss_kb("VmHWM") - base
+    if ours.replicas > 1 and framework == "numexp":
+        ours.net.close()
+        # each replica process's peak RSS, less what it had in common with this process before its
+        # first step (counted as if the fork copied everything above ``base``: an overestimate)
+        peak_kb += (ours.replicas - 1) * (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss - base)
+    print(json.dumps({"peak_mb": peak_kb / 1024}))
 
 
 def output_paths(out):
@@ -528,6 +539,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per framework (median reported)")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--pause", type=float, default=0.3, help="seconds of rest before each round")
+    parser.add_argument("--warmup", type=float, default=0.2,
+                        help="seconds of untimed steps after each pause (at least one step)")
     parser.add_argument("--no-torch", action="store_true", help="time numexp alone")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer rounds and table")
@@ -570,7 +583,7 @@ def main(argv=None):
         print(f"float32 GEMM 64x4096x3072 at {threads} thread(s): {gemm:.1f} GFLOP/s")
         for name in args.models:
             model_rows, model_layer_rows = bench_model(name, threads, args.rounds, args.steps, args.pause,
-                                                       use_torch, layers=not args.no_layers)
+                                                       use_torch, layers=not args.no_layers, warmup=args.warmup)
             for row in model_rows:
                 row["gemm_gflop_s"] = gemm
                 row["gemm_share"] = row["train_gflop_s"] / gemm

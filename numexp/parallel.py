@@ -3,22 +3,28 @@ slice of the batch, with BLAS on one thread.
 
 A network like LeNet-5 spends a training step in some 150 NumPy calls on small arrays. Two BLAS
 threads cannot speed those up (most of them are not GEMMs, and the GEMMs are too small to split
-well), but two copies of the network, each on half the batch in its own Python thread, can: NumPy
-releases the GIL inside its loops, so the halves run on both cores at once. On the bench machine
-(2 cores), in long runs of steps, a LeNet-5 step took 4.2-4.8 ms this way against 5.2-6.4 ms with
-two BLAS threads; in the bench's short rounds after an idle pause the two measured the same.
+well), but two copies of the network, each on half the batch, can. The copies run in processes, not
+threads: a LeNet-5 half-batch step took 3.4-3.9 ms alone and 4.6-5.9 ms with a second thread doing
+the other half (the threads queue for the GIL between NumPy's small calls), but 4.0 ms with a second
+process doing it.
 
 It is exact only for networks whose samples do not interact in a training step: no BatchNorm
-(batch statistics) and no Dropout (one mask stream). :func:`workers_for` decides; the replicas share
-the parameter and buffer dicts of the model, keep their own caches and gradients, and the gradients
-are summed into the model's after each backward. The sum of the slices' gradients is the batch's
-gradient up to float rounding, and the same for every run with the same thread count.
+(batch statistics) and no Dropout (one mask stream). :func:`workers_for` decides. The first slice
+runs in the calling process; each other slice runs in a forked child that holds its own copy of the
+network (its caches and gradients). The parameters and buffers live in shared memory, so optimizer
+steps and loaded state dicts reach every child; a child writes its gradients to shared memory too,
+and they are summed into the model's after each backward. Batches and scores travel over a pipe.
+The sum of the slices' gradients is the batch's gradient up to float rounding, and the same for
+every run with the same thread count.
 """
-import contextvars
-import copy
-import threading
+import builtins
+import json
+import mmap
+import multiprocessing
+import signal
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from numexp import nn
 
@@ -27,11 +33,16 @@ from numexp import nn
 SAMPLE_COUPLED = (nn._BatchNorm, nn.Dropout)
 
 
+def available():
+    """Whether this platform can fork replica processes (POSIX; not Windows)."""
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
 def workers_for(model, threads):
     """``(replicas, blas_threads)`` for ``threads`` cores: ``(threads, 1)`` when the model can run data
     parallel, else ``(1, threads)`` (one network, BLAS on every thread)."""
     threads = int(threads)
-    if threads > 1 and can_split(model):
+    if threads > 1 and can_split(model) and available():
         return threads, 1
     return 1, threads
 
@@ -43,12 +54,18 @@ def can_split(model):
                    for _, m in model.named_modules())
 
 
+class ReplicaError(RuntimeError):
+    """A replica process died or broke the protocol; the run cannot go on with it."""
+
+
 class DataParallel:
-    """``model`` run on ``replicas`` contiguous slices of each batch at once, one thread per slice.
+    """``model`` run on ``replicas`` contiguous slices of each batch at once, the first here and each
+    other one in a replica process.
 
     Used in place of the model for training steps and evaluation: ``net(x)`` gives the scores of
     the whole batch, ``net.backward(dscores)`` leaves the batch's gradients in ``model``'s grads, so
     the optimizer of ``model`` steps as usual. Run it with BLAS on one thread (:func:`workers_for`).
+    Call :meth:`close` when done (the replicas also end when this process does).
 
     Shape:
         x: (N, ...) -> scores: (N, K); slices of N // replicas samples (the first ones one larger
@@ -58,26 +75,27 @@ class DataParallel:
     def __init__(self, model, replicas):
         if not can_split(model):
             raise ValueError("DataParallel needs a network without BatchNorm, Dropout or fused updates")
+        if not available():
+            raise RuntimeError("DataParallel needs the 'fork' start method, which this platform lacks")
         self.model = model
-        self.replicas = [model] + [_replica(model) for _ in range(int(replicas) - 1)]
-        self._workers = [_Worker() for _ in self.replicas[1:]]
+        self.state = _SharedArrays(_slots(model, "params") + _slots(model, "buffers"))
+        self.state.adopt()  # before forking, so that the children see the same memory
+        self.replicas = [_Replica(model, number) for number in range(1, int(replicas))]
         self._slices = []
 
     def __call__(self, x):
-        for replica in self.replicas[1:]:  # follow the model's train/eval mode
-            if replica.training != self.model.training:
-                replica.train(self.model.training)
-        bounds = np.linspace(0, len(x), min(len(self.replicas), max(len(x), 1)) + 1).astype(int)
+        self.state.adopt()  # arrays someone put in place of the shared ones: copy them in
+        bounds = np.linspace(0, len(x), min(len(self.replicas) + 1, max(len(x), 1)) + 1).astype(int)
         self._slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        return np.concatenate(self._run(lambda m, s: m(x[s])))
+        training = self.model.training
+        return np.concatenate(self._run(lambda replica, part: replica.forward(part, training), x,
+                                        lambda part: self.model(part)))
 
     def backward(self, dout):
         """Backward of each slice at once, then the replicas' gradients added into the model's."""
-        dx = self._run(lambda m, s: m.backward(dout[s]))
-        for replica in self.replicas[1:len(self._slices)]:
-            for (_, ours), (_, theirs) in zip(self.model.named_modules(), replica.named_modules()):
-                for key, grad in ours.grads.items():
-                    grad += theirs.grads[key]
+        dx = self._run(lambda replica, part: replica.backward(part), dout, self.model.backward)
+        for replica in self.replicas[:len(self._slices) - 1]:
+            replica.add_grads_into(self.model)
         return None if dx[0] is None else np.concatenate(dx)
 
     def train(self, mode=True):
@@ -88,64 +106,164 @@ class DataParallel:
         return self.train(False)
 
     def close(self):
-        for worker in self._workers:
-            worker.stop()
-        self._workers = []
+        for replica in self.replicas:
+            replica.close()
+        self.replicas = []
 
-    def _run(self, fn):
-        """fn(replica, slice) for every slice, the first here and the others on the workers, in order."""
-        jobs = list(zip(self.replicas, self._slices))
-        for worker, job in zip(self._workers, jobs[1:]):
-            worker.start(fn, *job)
-        try:
-            first = fn(*jobs[0])
-        finally:
-            others = [worker.result() for worker, _ in zip(self._workers, jobs[1:])]
-        return [first] + others
+    def _run(self, send, array, here):
+        """Send each replica its slice of ``array``, run ``here`` on the first slice meanwhile, and
+        collect the replicas' answers in order; the first error (ours or a replica's) is raised after
+        every replica has answered, so the next call starts in step."""
+        parts = [array[s] for s in self._slices]
+        busy = self.replicas[:len(parts) - 1]
+        for replica, part in zip(busy, parts[1:]):
+            send(replica, part)
+        outcomes = []
+        for job in [lambda: here(parts[0])] + [replica.result for replica in busy]:
+            try:
+                outcomes.append((True, job()))
+            except Exception as err:  # noqa: BLE001 - re-raised below, once the others have answered
+                outcomes.append((False, err))
+        for ok, value in outcomes:
+            if not ok:
+                raise value
+        return [value for _, value in outcomes]
 
 
-class _Worker:
-    """One thread that runs one call at a time, handed over with two semaphores: cheaper than a
-    ThreadPoolExecutor's futures and queue, which cost as much as a small layer each step. The call
-    runs in a copy of the caller's context, so ``np.errstate`` carries over."""
+def _slots(model, kind):
+    """[(module, kind, key)] of every parameter (kind ``"params"``) or buffer (``"buffers"``)."""
+    return [(module, kind, key) for _, module in model.named_modules() for key in getattr(module, kind)]
 
-    def __init__(self):
-        self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
-        self._job = self._outcome = None
-        threading.Thread(target=self._loop, name="numexp-replica", daemon=True).start()
 
-    def start(self, fn, *args):
-        self._job = (contextvars.copy_context(), fn, args)
-        self._go.release()
+class _SharedArrays:
+    """One block of shared memory (anonymous, inherited by forked children) holding an array for each
+    (module, kind, key) slot, shaped and typed like the module's array at construction."""
+
+    def __init__(self, slots):
+        self.slots = slots
+        layout, size = [], 0
+        for module, kind, key in slots:
+            array = getattr(module, kind)[key]
+            size = -(-size // 64) * 64  # cache-line aligned
+            layout.append((size, array.shape, array.dtype))
+            size += array.nbytes
+        self._memory = mmap.mmap(-1, max(size, 1))  # MAP_SHARED | MAP_ANONYMOUS
+        self.views = [np.frombuffer(self._memory, dtype, int(np.prod(shape)), offset).reshape(shape)
+                      for offset, shape, dtype in layout]
+
+    def adopt(self):
+        """Make every slot's module array the shared view, copying the values of any array that is not."""
+        for (module, kind, key), view in zip(self.slots, self.views):
+            arrays = getattr(module, kind)
+            if arrays[key] is not view:
+                np.copyto(view, arrays[key])
+                arrays[key] = view
+
+
+class _Replica:
+    """A forked child process running ``model`` on the slices it is sent, one call at a time.
+
+    Protocol over a pipe, one request and one answer at a time: a JSON header, then the array's
+    bytes. Nothing is pickled. The child writes its gradients into shared memory after a backward.
+    """
+
+    def __init__(self, model, number):
+        self.number = number
+        self.grads = _SharedArrays(_slots(model, "params"))
+        self._conn, child_end = multiprocessing.Pipe()
+        context = multiprocessing.get_context("fork")
+        self.process = context.Process(target=_serve, args=(child_end, self._conn, model, self.grads),
+                                       name=f"numexp-replica-{number}", daemon=True)
+        self.process.start()
+        child_end.close()
+
+    def forward(self, x, training):
+        self._send({"op": "forward", "training": bool(training)}, x)
+
+    def backward(self, dout):
+        self._send({"op": "backward"}, dout)
 
     def result(self):
-        self._done.acquire()
-        ok, value = self._outcome
-        if not ok:
-            raise value
-        return value
+        """The answer to the last request: an array, or None; the replica's error raised here."""
+        try:
+            header, array = _receive(self._conn)
+        except (EOFError, OSError):
+            raise ReplicaError(f"data-parallel replica {self.number} (pid {self.process.pid}) died "
+                               f"(exit code {self.process.exitcode}); run with threads=1 to avoid "
+                               f"replicas") from None
+        if not header["ok"]:
+            kind = getattr(builtins, header["type"], None)
+            kind = kind if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError
+            raise kind(f"{header['message']} (in data-parallel replica {self.number})")
+        return array
 
-    def stop(self):
-        self._job = None
-        self._go.release()
+    def add_grads_into(self, model):
+        for (module, _, key), grad in zip(self.grads.slots, self.grads.views):
+            if key in module.grads:
+                module.grads[key] += grad
 
-    def _loop(self):
-        while True:
-            self._go.acquire()
-            if self._job is None:
-                return
-            context, fn, args = self._job
-            try:
-                self._outcome = (True, context.run(fn, *args))
-            except BaseException as err:  # handed to the caller's thread
-                self._outcome = (False, err)
-            self._done.release()
+    def close(self):
+        try:
+            _send(self._conn, {"op": "stop"})
+        except OSError:
+            pass  # already gone
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._conn.close()
+
+    def _send(self, header, array):
+        header["errstate"] = np.geterr()  # the caller's np.errstate holds in the replica too
+        try:
+            _send(self._conn, header, array)
+        except OSError:
+            pass  # the replica is gone; result() says so
 
 
-def _replica(model):
-    """A copy of ``model`` with its own caches and gradients that shares its parameters and buffers
-    (the same dicts, so in-place updates and loaded state dicts reach every replica)."""
-    replica = copy.deepcopy(model)
-    for (_, ours), (_, theirs) in zip(model.named_modules(), replica.named_modules()):
-        theirs.params, theirs.buffers, theirs.grads = ours.params, ours.buffers, {}
-    return replica
+def _send(conn, header, array=None):
+    """One message: the header's length (4 bytes), the JSON header, then the array's bytes."""
+    if array is not None:
+        array = np.ascontiguousarray(array)
+        header.update(shape=list(array.shape), dtype=array.dtype.str)
+    head = json.dumps(header).encode()
+    body = b"" if array is None else memoryview(array).cast("B")
+    conn.send_bytes(len(head).to_bytes(4, "little") + head + body)
+
+
+def _receive(conn):
+    """(header, array or None) of one message sent with :func:`_send`; the array is a fresh copy
+    (layers may keep it in their caches and write to it)."""
+    message = conn.recv_bytes()
+    size = int.from_bytes(message[:4], "little")
+    header = json.loads(message[4:4 + size])
+    if "shape" not in header:
+        return header, None
+    return header, np.frombuffer(message, header["dtype"], offset=4 + size).reshape(header["shape"]).copy()
+
+
+def _serve(conn, parent_end, model, grads):
+    """The replica process: answer forward and backward requests until told to stop or orphaned."""
+    parent_end.close()  # so that the parent's death ends our reads
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    threadpool_limits(1)
+    while True:
+        try:
+            header, array = _receive(conn)
+        except (EOFError, OSError):
+            return
+        if header["op"] == "stop":
+            return
+        try:
+            with np.errstate(**header["errstate"]):
+                if header["op"] == "forward":
+                    model.train(header["training"])
+                    answer = model(array)
+                else:
+                    answer = model.backward(array)
+                    for (module, _, key), view in zip(grads.slots, grads.views):
+                        if key in module.grads:
+                            np.copyto(view, module.grads[key])
+            _send(conn, {"ok": True}, answer)
+        except Exception as err:  # noqa: BLE001 - handed to the parent
+            _send(conn, {"ok": False, "type": type(err).__name__, "message": str(err)})

@@ -1,6 +1,5 @@
 """Data-parallel replicas: the batch's scores and gradients, for networks whose samples do not interact."""
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -56,14 +55,15 @@ def test_replicas_share_parameters_so_steps_and_loaded_states_reach_all():
     try:
         opt, loss = optim.build("sgd", model, lr=0.1), losses.build("softmax")
         net.backward(loss(net(x), y)[1])
-        opt.step()
-        replica = net.replicas[1]
-        for (_, a), (_, b) in zip(model.named_params(), replica.named_params()):
-            assert a is b
+        opt.step()  # in place, in shared memory: the replica computes with the new weights
+        np.testing.assert_allclose(net(x), model(x), rtol=1e-12)
         model.load_state_dict(lenet().state_dict())
         net.eval()
-        np.testing.assert_allclose(net(x), lenet().eval()(x), rtol=1e-12)
-        assert not replica.training  # eval mode followed the model
+        np.testing.assert_allclose(net(x), lenet().eval()(x), rtol=1e-12)  # eval mode reached the replica
+        fresh = lenet(); fresh.eval()
+        dict(model.children())["conv1"].params["weight"] = dict(fresh.children())["conv1"].params["weight"] * 2  # a new array
+        dict(fresh.children())["conv1"].params["weight"] *= 2
+        np.testing.assert_allclose(net(x), fresh(x), rtol=1e-12)
     finally:
         net.close()
 
@@ -107,41 +107,61 @@ def test_fused_updates_and_one_thread_stay_whole():
 
 def test_an_error_in_a_replica_reaches_the_caller_and_the_next_call_works():
     model = lenet()
+    conv1 = dict(model.children())["conv1"]
+    plain = conv1.forward
+
+    def forward(x):  # fails on the samples marked with a NaN: here, only the replica's
+        if np.isnan(x).any():
+            raise ValueError("a marked sample")
+        return plain(x)
+
+    conv1.forward = forward  # before the fork, so the replica has it too
     net = parallel.DataParallel(model, 2)
     try:
         x, _ = batch(4)
-        replica = net.replicas[1]
-        replica.forward = lambda _: (_ for _ in ()).throw(RuntimeError("replica 1 failed"))
-        with pytest.raises(RuntimeError, match="replica 1 failed"):
+        x[3, 0, 0, 0] = np.nan
+        with pytest.raises(ValueError, match="a marked sample .in data-parallel replica 1"):
             net(x)
-        del replica.forward
+        x[3, 0, 0, 0] = 0
         assert net(x).shape == (4, 10)
     finally:
         net.close()
 
 
-def test_replicas_run_in_the_callers_numpy_error_state_and_in_other_threads():
-    model = lenet()
-    net = parallel.DataParallel(model, 2)
+def test_replicas_run_in_the_callers_numpy_error_state():
+    net = parallel.DataParallel(lenet(np.float32), 2)
     try:
-        net._slices = [slice(0, 1), slice(1, 2)]
-        with np.errstate(over="raise"):
-            seen = net._run(lambda m, s: (np.geterr()["over"], threading.get_ident()))
-        assert [state for state, _ in seen] == ["raise", "raise"]
-        assert seen[0][1] == threading.get_ident() != seen[1][1]
+        x = batch(4)[0].astype(np.float32)
+        x[2:] = 3e38  # overflows in the replica's half only
+        with np.errstate(over="raise", invalid="raise"), pytest.raises(FloatingPointError, match="replica 1"):
+            net(x)
+        with np.errstate(all="ignore"):
+            assert np.isnan(net(x)[2:]).all()
     finally:
         net.close()
 
 
-def test_close_ends_the_worker_threads():
-    before = {t for t in threading.enumerate() if t.name == "numexp-replica"}
+def test_a_replica_that_dies_is_reported_with_the_way_out():
+    net = parallel.DataParallel(lenet(), 2)
+    try:
+        x, _ = batch(4)
+        net(x)
+        process = net.replicas[0].process
+        process.kill()
+        process.join()
+        with pytest.raises(parallel.ReplicaError, match="replica 1 .* died .*threads=1"):
+            net(x)
+    finally:
+        net.close()
+
+
+def test_close_ends_the_replica_processes():
     net = parallel.DataParallel(lenet(), 3)
-    started = {t for t in threading.enumerate() if t.name == "numexp-replica"} - before
-    assert len(started) == 2
+    processes = [replica.process for replica in net.replicas]
+    assert len(processes) == 2 and all(p.is_alive() for p in processes)
     net.close()
-    for t in started:
-        t.join(timeout=5)
-        assert not t.is_alive()
+    assert not any(p.is_alive() for p in processes)
+    assert [p.exitcode for p in processes] == [0, 0]
 
 
 def test_trainer_runs_replicas_on_two_threads_reproducibly(compose_cfg, tmp_path):
