@@ -3,3 +3,8 @@
 from numexp import kernels_choice
 
 kernels_choice.apply()
+
+# glibc: serve a training step's large temporaries from memory the process keeps (no page faults per step)
+from numexp import allocator  # noqa: E402
+
+allocator.apply()

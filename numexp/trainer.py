@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from numexp import (blas, config, data, kernels_choice, losses, models, nn, optim, parallel, provenance,
+from numexp import (allocator, blas, config, data, kernels_choice, losses, models, nn, optim, parallel, provenance,
                     schedules)
 from numexp.rundir import CHECKPOINT, GIT_DIFF, RunDir, RunDirError, check_same_run
 from numexp.summary import layer_summary
@@ -224,6 +224,7 @@ class Trainer:
         checkpoint can be used on new images later)."""
         return {"model": {"name": self.cfg.model.name, "num_params": int(self.model.num_params())},
                 "parallel": {"replicas": self.replicas, "blas_threads": self.blas_threads},
+                "allocator": dict(allocator.decision),
                 "data": {**self.ds.info, "class_names": list(self.ds.class_names)},
                 "checkpoint": CHECKPOINT}
 

@@ -176,6 +176,7 @@ def test_trainer_runs_replicas_on_two_threads_reproducibly(compose_cfg, tmp_path
         results[name]["metrics"] = (tmp_path / name / "metrics.csv").read_text().splitlines()
     two = results["a"]
     assert two["parallel"] == {"replicas": 2, "blas_threads": 1}
+    assert two["allocator"]["by"] in ("numexp", "user", "libc") and two["allocator"]["reason"]
     assert [b["num_threads"] for b in two["blas"]] == [1] * len(two["blas"])
     assert results["one"]["parallel"] == {"replicas": 1, "blas_threads": 1}
     strip = [[",".join(line.split(",")[:-1]) for line in results[n]["metrics"]] for n in ("a", "b")]
