@@ -3,6 +3,8 @@
 Plain functions on NumPy arrays. They loop over kernel taps and pooling-window taps (at
 most kh*kw*pool*pool iterations), never over samples or pixels.
 """
+import math
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -74,6 +76,16 @@ def im2col(x, kh, kw, stride=1, padding=0, pool=1):
     patches = as_strided(xp, shape=taps + (N,) + grid + (kh, kw, C),
                          strides=tap_strides + (sn,) + grid_strides + (sh, sw, sc), writeable=False)
     return patches.reshape(-1, kh * kw * C)
+
+
+def add_channel_bias(rows, bias, width=512):
+    """``rows += bias`` for C-contiguous rows (M, F), in place, with the bias tiled across a wider view
+    (M / r, r*F) of the same memory, r*F about ``width``: NumPy's inner loop then runs over ~512
+    values instead of F (SimpleNet's conv1 output, F = 32: 0.5 -> 0.23 ms)."""
+    M, F = rows.shape
+    r = math.gcd(M, max(1, width // F))
+    rows.reshape(M // r, r * F)[...] += np.tile(bias, r)
+    return rows
 
 
 def _output_pixels(out_h, out_w, sh, sw, stride, pool):

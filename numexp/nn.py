@@ -345,7 +345,7 @@ class Conv2d(Module):
         w_rows = w.transpose(0, 2, 3, 1).reshape(F, -1)  # (F, k*k*C), matching col's columns
         out = col @ w_rows.T  # (N*out_h*out_w, F): channels-last memory
         if b is not None:
-            out += b
+            kernels.add_channel_bias(out, b)
         self._cache = (x.shape, col, w_rows, pool)
         if pool > 1:  # rows (tap, n, ph, pw)
             return out.reshape(pool * pool, N, out_h // pool, out_w // pool, F).transpose(0, 1, 4, 2, 3)

@@ -81,3 +81,12 @@ def test_first_layer_can_skip_its_input_gradient():
     model(x)
     assert model.backward(np.ones_like(scores)) is None
     np.testing.assert_array_equal(model["conv1"].grads["weight"], weight_grad)
+
+
+@pytest.mark.parametrize("m, f", [(65536, 32), (6400, 16), (7, 3), (1, 600), (12, 1000)])
+def test_add_channel_bias_adds_the_bias_to_every_row_in_place(m, f):
+    rng = np.random.default_rng(0)
+    rows, bias = rng.standard_normal((m, f)), rng.standard_normal(f)
+    expected = rows + bias
+    assert kernels.add_channel_bias(rows, bias) is rows
+    np.testing.assert_array_equal(rows, expected)
