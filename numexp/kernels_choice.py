@@ -12,6 +12,14 @@ So numexp sets ``OPENBLAS_CORETYPE=Haswell`` on exactly that CPU, and only when
 - the user has not set ``OPENBLAS_CORETYPE`` (any value, even empty, is the user's choice), and
 - NumPy is not imported yet (afterwards the variable would have no effect and claiming it would lie).
 
+The choice is one per process and the networks disagree: OpenBLAS's AVX-512 build also has
+small-matrix kernels that its AVX2 build lacks, and networks made of tiny GEMMs gain from them.
+LeNet-5's per-sample conv1 weight gradient took 0.16-0.21 ms with them against 0.61-0.80 ms, and
+a LeNet-5 training step at one thread 5.8-6.3 ms against 6.6-6.7 ms (three alternating fresh
+processes each); SimpleConvNet 8.1-9.2 against 9.4-9.9 ms; SimpleNet 109-130 against 105-112 ms.
+numexp picks the kernels of the large GEMMs, which dominate the long runs (SimpleNet on GTSRB);
+set ``OPENBLAS_CORETYPE=SkylakeX`` for a process that trains only small networks.
+
 Everywhere else OpenBLAS keeps its own choice. The decision and its reason go into every run's
 ``summary.json`` (``blas[].kernels_choice``) next to the kernels OpenBLAS reports.
 """
