@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import os
 import platform
 import resource
@@ -138,8 +139,10 @@ class TorchRunner:
             self.model(x)
 
 
-def time_rounds(runners, rounds, steps, pause, warmup=0.0):
-    """Seconds per call of each (label, fn) in ``runners``, one value per round, alternating who goes first."""
+def time_rounds(runners, rounds, steps, pause, warmup=0.0, round_seconds=0.0):
+    """Seconds per call of each (label, fn) in ``runners``, one value per round, alternating who goes
+    first. A round runs ``steps`` calls, or more to last about ``round_seconds`` (judged by the
+    warm-up calls), so that a host's hiccup of a few ms weighs little even for a 5 ms step."""
     times = {label: [] for label, _ in runners}
     for r in range(rounds):
         order = runners if r % 2 == 0 else runners[::-1]
@@ -148,14 +151,17 @@ def time_rounds(runners, rounds, steps, pause, warmup=0.0):
             # untimed steps for ``warmup`` seconds (at least one): the first steps after a pause run on
             # caches and cores the host gave to others meanwhile (LeNet-5's first 8 steps after 0.3 s
             # measured up to 2x slower than the ones after them, torch's first one or two)
-            start = time.perf_counter()
             fn()
-            while time.perf_counter() - start < warmup:
+            start, calls = time.perf_counter(), 0
+            while time.perf_counter() - start < warmup or calls == 0:
                 fn()
+                calls += 1
+            per_call = (time.perf_counter() - start) / calls
+            n = max(steps, math.ceil(round_seconds / per_call))
             t = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(n):
                 fn()
-            times[label].append((time.perf_counter() - t) / steps)
+            times[label].append((time.perf_counter() - t) / n)
     return times
 
 
@@ -360,7 +366,7 @@ def step_keys(model):
             + [("optimizer", "step"), ("other", "between layers"), ("step", "total")])
 
 
-def time_layers(name, threads, clocks, rounds, steps, pause, warmup=0.0):
+def time_layers(name, threads, clocks, rounds, steps, pause, warmup=0.0, round_seconds=0.0):
     """Per-layer rows of one model: median ms per (layer, direction) over every instrumented step.
 
     ``clocks`` maps a framework label to (clock, step function); the rounds alternate and pause as
@@ -374,7 +380,7 @@ def time_layers(name, threads, clocks, rounds, steps, pause, warmup=0.0):
             fn()
         for clock, _ in clocks.values():
             clock.times.reset()
-        time_rounds(runners, rounds, steps, pause, warmup)
+        time_rounds(runners, rounds, steps, pause, warmup, round_seconds)
     medians = {label: clock.times.medians_ms() for label, (clock, _) in clocks.items()}
     numexp_model = clocks["numexp"][0].runner.model
     nan = float("nan")
@@ -395,7 +401,7 @@ def time_layers(name, threads, clocks, rounds, steps, pause, warmup=0.0):
             for layer, direction in step_keys(numexp_model)]
 
 
-def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True, warmup=0.0):
+def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True, warmup=0.0, round_seconds=0.0):
     """Rows for ``name`` at ``threads`` threads: one per framework (train and eval images/s) and,
     with ``layers``, one per (layer, direction) of a training step (see :func:`time_layers`)."""
     spec = BENCH_MODELS[name]
@@ -419,10 +425,10 @@ def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True, war
     with ours.limits(threads):
         for _, fn in train + evals:  # warm-up: first calls allocate and load kernels
             fn(), fn()
-        train_s = time_rounds(train, rounds, steps, pause, warmup)
-        eval_s = time_rounds(evals, rounds, steps, pause, warmup)
+        train_s = time_rounds(train, rounds, steps, pause, warmup, round_seconds)
+        eval_s = time_rounds(evals, rounds, steps, pause, warmup, round_seconds)
         # after the headline rounds, so the instruments never touch the throughput numbers
-        layer_rows = time_layers(name, threads, clocks, rounds, steps, pause, warmup) if layers else []
+        layer_rows = time_layers(name, threads, clocks, rounds, steps, pause, warmup, round_seconds) if layers else []
     flops = step_flops(ours.model, BATCH)
     rows = []
     for label in train_s:
@@ -537,10 +543,12 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=list(BENCH_MODELS))
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per framework (median reported)")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round (at least; see --round-seconds)")
     parser.add_argument("--pause", type=float, default=0.3, help="seconds of rest before each round")
     parser.add_argument("--warmup", type=float, default=0.2,
                         help="seconds of untimed steps after each pause (at least one step)")
+    parser.add_argument("--round-seconds", type=float, default=0.5,
+                        help="run more than --steps steps in a round if it would be shorter than this")
     parser.add_argument("--no-torch", action="store_true", help="time numexp alone")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer rounds and table")
@@ -583,7 +591,8 @@ def main(argv=None):
         print(f"float32 GEMM 64x4096x3072 at {threads} thread(s): {gemm:.1f} GFLOP/s")
         for name in args.models:
             model_rows, model_layer_rows = bench_model(name, threads, args.rounds, args.steps, args.pause,
-                                                       use_torch, layers=not args.no_layers, warmup=args.warmup)
+                                                       use_torch, layers=not args.no_layers, warmup=args.warmup,
+                                                       round_seconds=args.round_seconds)
             for row in model_rows:
                 row["gemm_gflop_s"] = gemm
                 row["gemm_share"] = row["train_gflop_s"] / gemm
@@ -594,7 +603,7 @@ def main(argv=None):
             layer_rows += model_layer_rows
     print_table(rows)
     if layer_rows:
-        print_layer_table(layer_rows, steps=args.rounds * args.steps)
+        print_layer_table(layer_rows, rounds=args.rounds)
     paths = output_paths(args.out)
     written = [write_csv(rows, paths["csv"])]
     if layer_rows:
@@ -627,14 +636,14 @@ def _share(part, whole):
     return f"{100 * part / whole:6.1f}%" if np.isfinite(part) and whole > 0 else f"{'':>7}"
 
 
-def print_layer_table(layer_rows, steps):
+def print_layer_table(layer_rows, rounds):
     """One block per model and thread count: ms per layer and direction, its share of the step, the ratio."""
     for (model, threads), block in _group(layer_rows, ("model", "threads")).items():
         total = next(r for r in block if r["layer"] == "step")
         parts = [r for r in block if r["layer"] != "step"]
         sums = dict(layer="(sum of rows)", direction="", numexp_ms=_finite_sum(r["numexp_ms"] for r in parts),
                     torch_ms=_finite_sum(r["torch_ms"] for r in parts))
-        print(f"\n{model}, {threads} thread(s): per-layer ms, median of {steps} instrumented steps")
+        print(f"\n{model}, {threads} thread(s): per-layer ms, median of the instrumented steps of {rounds} rounds")
         print(f"{'layer':<12}{'direction':<18}{'numexp':>9}{'share':>8}{'torch':>9}{'share':>8}{'numexp/torch':>14}")
         for r in parts + [sums, total]:
             ratio = r["numexp_ms"] / r["torch_ms"] if r["torch_ms"] > 0 else float("nan")

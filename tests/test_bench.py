@@ -2,6 +2,7 @@
 import csv
 import math
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from numexp import bench, kernels_choice, nn
 
 MODEL = "simple_convnet"  # the cheapest bench model: a tiny run takes well under a second
-TINY = ["--models", MODEL, "--threads", "1", "--rounds", "1", "--steps", "1", "--pause", "0", "--no-memory"]
+TINY = ["--models", MODEL, "--threads", "1", "--rounds", "1", "--steps", "1", "--pause", "0", "--warmup", "0",
+        "--round-seconds", "0", "--no-memory"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -184,3 +186,24 @@ def test_ratio_pairs_the_rounds_so_a_drifting_machine_cancels_out():
     assert bench.paired_ratio(times, "numexp") == pytest.approx(1.5)
     assert bench.paired_ratio(times, "torch") == 1.0
     assert math.isnan(bench.paired_ratio({"numexp": [1.0]}, "numexp"))  # no torch: no ratio
+
+
+def test_a_round_of_short_steps_lasts_round_seconds_and_reports_time_per_step():
+    calls = {"fast": 0, "slow": 0}
+
+    def step(label, seconds):
+        def fn():
+            calls[label] += 1
+            target = time.perf_counter() + seconds
+            while time.perf_counter() < target:
+                pass
+        return fn
+
+    times = bench.time_rounds([("fast", step("fast", 0.001)), ("slow", step("slow", 0.02))],
+                              rounds=2, steps=3, pause=0, warmup=0.005, round_seconds=0.03)
+    # fast: ~30 timed steps a round (plus the untimed ones); slow: its 3 steps already last 60 ms
+    assert 2 * 30 <= calls["fast"] <= 2 * (30 + 8 + 2)
+    assert calls["slow"] == 2 * (3 + 2)  # one untimed step, one warm-up step, three timed
+    # seconds per step, not per round (loose bounds: a busy host only makes steps longer)
+    assert all(0.001 <= t < 0.01 for t in times["fast"]), times
+    assert all(0.02 <= t < 0.06 for t in times["slow"]), times
