@@ -98,7 +98,7 @@ class DataParallel:
         """Backward of each slice at once, then the replicas' gradients added into the model's."""
         dx = self._run(lambda replica, part: replica.backward(part), dout, self.model.backward)
         for replica in self.replicas[:len(self._slices) - 1]:
-            replica.add_grads_into(self.model)
+            replica.add_grads()
         return None if dx[0] is None else np.concatenate(dx)
 
     def train(self, mode=True):
@@ -166,8 +166,9 @@ class _SharedArrays:
 class _Replica:
     """A forked child process running ``model`` on the slices it is sent, one call at a time.
 
-    Protocol over a pipe, one request and one answer at a time: a JSON header, then the array's
-    bytes. Nothing is pickled. The child writes its gradients into shared memory after a backward.
+    Protocol over a pipe, one request and one answer at a time, each one message of a JSON header and
+    an array's bytes (:func:`_send`): nothing is pickled. The child writes its gradients into shared
+    memory after a backward; :meth:`add_grads` adds them into the model's.
     """
 
     def __init__(self, model, number):
@@ -201,7 +202,8 @@ class _Replica:
             raise kind(f"{header['message']} (in data-parallel replica {self.number})")
         return array
 
-    def add_grads_into(self, model):
+    def add_grads(self):
+        """Add this replica's gradients of the last backward into the model's."""
         for (module, _, key), grad in zip(self.grads.slots, self.grads.views):
             if key in module.grads:
                 module.grads[key] += grad
