@@ -29,7 +29,7 @@ TRIM_THRESHOLD = 512 * 2**20
 SWITCH = "NUMEXP_KEEP_FREED_MEMORY"
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
-decision = {"keep_freed_memory": False, "by": "glibc", "reason": "not decided yet"}
+decision = {"keep_freed_memory": False, "by": "libc", "reason": "not decided yet"}
 
 
 def choose(environ, have_mallopt):
