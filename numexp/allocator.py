@@ -4,7 +4,7 @@ A training step allocates the same large temporaries every time (im2col columns,
 their gradients: 0.5-20 MB each) and frees them before the next step. By default glibc hands such
 blocks back to the kernel (``mmap``/``munmap`` above its threshold, or by trimming the top of the
 heap), so every step page-faults them in and zeroes them again: 464 minor faults per SimpleNet step
-and 1045-1556 per SimpleConvNet step, 1-3.6 ms of system time per step. A BN-affine-ReLU on a
+and 1045-1556 per SimpleConvNet step, 1-4.4 ms of system time per step. A BN-affine-ReLU on a
 (64, 32, 16, 16) array took 2.7-3.5 ms with its temporaries faulted in, 0.7 ms without.
 
 So numexp, when imported, asks glibc (``mallopt``) to serve blocks up to 32 MiB (glibc's largest

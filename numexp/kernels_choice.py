@@ -14,9 +14,10 @@ So numexp sets ``OPENBLAS_CORETYPE=Haswell`` on exactly that CPU, and only when
 
 The choice is one per process and the networks disagree: OpenBLAS's AVX-512 build also has
 small-matrix kernels that its AVX2 build lacks, and networks made of tiny GEMMs gain from them.
-LeNet-5's per-sample conv1 weight gradient took 0.16-0.21 ms with them against 0.61-0.80 ms, and
+LeNet-5's per-sample conv1 weight gradient took 0.16-0.22 ms with them against 0.60-0.80 ms, and
 a LeNet-5 training step at one thread 5.8-6.3 ms against 6.6-6.7 ms (three alternating fresh
-processes each); SimpleConvNet 8.1-9.2 against 9.4-9.9 ms; SimpleNet 109-130 against 105-112 ms.
+processes each); SimpleConvNet 8.1-9.2 against 9.4-9.9 ms and SimpleNet 109-130 against 105-112 ms
+(two each).
 numexp picks the kernels of the large GEMMs, which dominate the long runs (SimpleNet on GTSRB);
 set ``OPENBLAS_CORETYPE=SkylakeX`` for a process that trains only small networks.
 
