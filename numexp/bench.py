@@ -22,6 +22,7 @@ Writes ``results/bench.csv``, ``results/bench_layers.csv`` and two charts beside
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -139,25 +140,37 @@ class TorchRunner:
             self.model(x)
 
 
-def time_rounds(runners, rounds, steps, pause, warmup=0.0, round_seconds=0.0):
-    """Seconds per call of each (label, fn) in ``runners``, one value per round, alternating who goes
-    first. A round runs ``steps`` calls, or more to last about ``round_seconds`` (judged by the
-    warm-up calls), so that a host's hiccup of a few ms weighs little even for a 5 ms step."""
+@dataclasses.dataclass(frozen=True)
+class Rounds:
+    """How the timed rounds run: ``rounds`` per framework, each after ``pause`` seconds of rest and
+    ``warmup`` seconds of untimed steps, timing ``steps`` steps or more, to last about ``seconds``."""
+    rounds: int
+    steps: int
+    pause: float
+    warmup: float = 0.0
+    seconds: float = 0.0
+
+
+def time_rounds(runners, plan):
+    """Seconds per call of each (label, fn) in ``runners``, one value per round of ``plan`` (a
+    :class:`Rounds`), alternating who goes first. A round runs ``plan.steps`` calls, or more to last
+    about ``plan.seconds`` (judged by the warm-up calls), so that a host's hiccup of a few ms weighs
+    little even for a 5 ms step."""
     times = {label: [] for label, _ in runners}
-    for r in range(rounds):
+    for r in range(plan.rounds):
         order = runners if r % 2 == 0 else runners[::-1]
         for label, fn in order:
-            time.sleep(pause)  # let spinning BLAS threads of the previous round settle
-            # untimed steps for ``warmup`` seconds (at least one): the first steps after a pause run on
+            time.sleep(plan.pause)  # let spinning BLAS threads of the previous round settle
+            # untimed steps for ``plan.warmup`` seconds (at least one): the first steps after a pause run on
             # caches and cores the host gave to others meanwhile (LeNet-5's first 8 steps after 0.3 s
             # measured up to 2x slower than the ones after them, torch's first one or two)
             fn()
             start, calls = time.perf_counter(), 0
-            while time.perf_counter() - start < warmup or calls == 0:
+            while time.perf_counter() - start < plan.warmup or calls == 0:
                 fn()
                 calls += 1
             per_call = (time.perf_counter() - start) / calls
-            n = max(steps, math.ceil(round_seconds / per_call))
+            n = max(plan.steps, math.ceil(plan.seconds / per_call))
             t = time.perf_counter()
             for _ in range(n):
                 fn()
@@ -366,7 +379,7 @@ def step_keys(model):
             + [("optimizer", "step"), ("other", "between layers"), ("step", "total")])
 
 
-def time_layers(name, threads, clocks, rounds, steps, pause, warmup=0.0, round_seconds=0.0):
+def time_layers(name, threads, clocks, plan):
     """Per-layer rows of one model: median ms per (layer, direction) over every instrumented step.
 
     ``clocks`` maps a framework label to (clock, step function); the rounds alternate and pause as
@@ -380,7 +393,7 @@ def time_layers(name, threads, clocks, rounds, steps, pause, warmup=0.0, round_s
             fn()
         for clock, _ in clocks.values():
             clock.times.reset()
-        time_rounds(runners, rounds, steps, pause, warmup, round_seconds)
+        time_rounds(runners, plan)
     medians = {label: clock.times.medians_ms() for label, (clock, _) in clocks.items()}
     numexp_model = clocks["numexp"][0].runner.model
     nan = float("nan")
@@ -401,7 +414,7 @@ def time_layers(name, threads, clocks, rounds, steps, pause, warmup=0.0, round_s
             for layer, direction in step_keys(numexp_model)]
 
 
-def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True, warmup=0.0, round_seconds=0.0):
+def bench_model(name, threads, plan, use_torch, layers=True):
     """Rows for ``name`` at ``threads`` threads: one per framework (train and eval images/s) and,
     with ``layers``, one per (layer, direction) of a training step (see :func:`time_layers`)."""
     spec = BENCH_MODELS[name]
@@ -425,10 +438,10 @@ def bench_model(name, threads, rounds, steps, pause, use_torch, layers=True, war
     with ours.limits(threads):
         for _, fn in train + evals:  # warm-up: first calls allocate and load kernels
             fn(), fn()
-        train_s = time_rounds(train, rounds, steps, pause, warmup, round_seconds)
-        eval_s = time_rounds(evals, rounds, steps, pause, warmup, round_seconds)
+        train_s = time_rounds(train, plan)
+        eval_s = time_rounds(evals, plan)
         # after the headline rounds, so the instruments never touch the throughput numbers
-        layer_rows = time_layers(name, threads, clocks, rounds, steps, pause, warmup, round_seconds) if layers else []
+        layer_rows = time_layers(name, threads, clocks, plan) if layers else []
     flops = step_flops(ours.model, BATCH)
     rows = []
     for label in train_s:
@@ -586,13 +599,12 @@ def main(argv=None):
     machine = machine_description(use_torch)
     print(f"machine: {machine}")
     rows, layer_rows = [], []
+    plan = Rounds(args.rounds, args.steps, args.pause, args.warmup, args.round_seconds)
     for threads in args.threads:
         gemm = gemm_gflops(threads)
         print(f"float32 GEMM 64x4096x3072 at {threads} thread(s): {gemm:.1f} GFLOP/s")
         for name in args.models:
-            model_rows, model_layer_rows = bench_model(name, threads, args.rounds, args.steps, args.pause,
-                                                       use_torch, layers=not args.no_layers, warmup=args.warmup,
-                                                       round_seconds=args.round_seconds)
+            model_rows, model_layer_rows = bench_model(name, threads, plan, use_torch, layers=not args.no_layers)
             for row in model_rows:
                 row["gemm_gflop_s"] = gemm
                 row["gemm_share"] = row["train_gflop_s"] / gemm

@@ -200,7 +200,7 @@ def test_a_round_of_short_steps_lasts_round_seconds_and_reports_time_per_step():
         return fn
 
     times = bench.time_rounds([("fast", step("fast", 0.001)), ("slow", step("slow", 0.02))],
-                              rounds=2, steps=3, pause=0, warmup=0.005, round_seconds=0.03)
+                              bench.Rounds(rounds=2, steps=3, pause=0, warmup=0.005, seconds=0.03))
     # fast: ~30 timed steps a round (plus the untimed ones); slow: its 3 steps already last 60 ms
     assert 2 * 30 <= calls["fast"] <= 2 * (30 + 8 + 2)
     assert calls["slow"] == 2 * (3 + 2)  # one untimed step, one warm-up step, three timed

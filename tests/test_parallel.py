@@ -61,8 +61,9 @@ def test_replicas_share_parameters_so_steps_and_loaded_states_reach_all():
         net.eval()
         np.testing.assert_allclose(net(x), lenet().eval()(x), rtol=1e-12)  # eval mode reached the replica
         fresh = lenet(); fresh.eval()
-        dict(model.children())["conv1"].params["weight"] = dict(fresh.children())["conv1"].params["weight"] * 2  # a new array
-        dict(fresh.children())["conv1"].params["weight"] *= 2
+        ours, theirs = dict(model.children())["conv1"], dict(fresh.children())["conv1"]
+        ours.params["weight"] = theirs.params["weight"] * 2  # a new array, not an in-place change
+        theirs.params["weight"] *= 2
         np.testing.assert_allclose(net(x), fresh(x), rtol=1e-12)
     finally:
         net.close()
