@@ -85,21 +85,18 @@ def gemm_gflops(threads, m=64, k=4096, n=3072, repeat=20):
 
 
 class NumexpRunner:
-    """numexp's training step and eval pass as the trainer runs them on ``threads`` cores: data-parallel
-    replicas with BLAS on one thread for a network that allows it, else one network with BLAS on
-    ``threads`` and the large Linear layers updating inside backward."""
+    """numexp's training step and eval pass as the trainer runs them on ``threads`` cores
+    (:func:`numexp.parallel.parallelize`): data-parallel replicas with BLAS on one thread, one network
+    with BLAS on ``threads``, or replicas up to a large fully connected head that runs on BLAS threads;
+    large Linear layers outside the replicas update inside backward."""
 
     def __init__(self, name, spec, rng, threads=1):
         self.model = models.build(name, spec["in_shape"], spec["num_classes"], rng=rng, **spec["options"])
         self.model.set_input_grad(False)  # as torch, which needs no gradient for a plain input tensor
         self.loss = losses.build("softmax")
         self.opt = optim.build("sgd", self.model, lr=1e-3)
-        self.replicas, self.blas_threads = parallel.workers_for(self.model, threads)
-        if self.replicas > 1:
-            self.net = parallel.DataParallel(self.model, self.replicas)
-        else:
-            self.net = self.model
-            self.opt.fuse_into_backward()
+        self.net, self.layout = parallel.parallelize(self.model, threads, self.opt)
+        self.replicas, self.blas_threads = self.layout["replicas"], self.layout["blas_threads"]
 
     def limits(self, threads):
         """numexp's BLAS threads, and torch's OpenMP ones, for a round at ``threads`` threads."""
@@ -398,14 +395,16 @@ def time_layers(name, threads, clocks, plan):
     numexp_model = clocks["numexp"][0].runner.model
     nan = float("nan")
     fused = {n for n, layer in numexp_model.children() if getattr(layer, "fused_update", None) is not None}
-    replicas = clocks["numexp"][0].runner.replicas
+    layout = clocks["numexp"][0].runner.layout
 
     def note(layer, direction):
         if layer in fused and direction == "backward":
             return f"numexp's {layer} backward includes its SGD weight update (fused), the optimizer row does not"
-        if replicas > 1 and (layer, direction) == ("step", "total"):
-            return (f"numexp's rows time one network on the whole batch with BLAS on 1 thread; its training "
-                    f"steps run {replicas} such replicas at once (processes), each on a slice of the batch")
+        if layout["replicas"] > 1 and (layer, direction) == ("step", "total"):
+            where = f"the layers before {layout['head']}" if "head" in layout else "the network"
+            return (f"numexp's rows time one network on the whole batch with BLAS on {layout['blas_threads']} "
+                    f"thread(s); its training steps run {where} as {layout['replicas']} replicas at once "
+                    f"(processes, BLAS on 1 thread each), each on a slice of the batch")
         return ""
     return [dict(model=name, threads=threads, layer=layer, direction=direction,
                  numexp_ms=medians["numexp"].get((layer, direction), nan),

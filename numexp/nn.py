@@ -678,11 +678,15 @@ class _BatchNorm(Module):
             return rows
         return np.moveaxis(rows.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],)), -1, 1)
 
+    # set by numexp.parallel.DataParallel while the batch is split over processes: sums every
+    # replica's per-channel partial sums, so that each normalises with the whole batch's statistics
+    sync = None
+
     def forward(self, x):
         X = self._rows(x)
+        m = None
         if self.training:
-            m = X.shape[0]
-            mean, xhat, var = self.batch_moments(X)
+            mean, xhat, var, m = self.batch_moments(X)
             self.update_running(mean, var, m)
         else:
             var = self.buffers["running_var"]
@@ -691,19 +695,33 @@ class _BatchNorm(Module):
         xhat *= inv_std
         out = xhat * self.params["weight"]
         out += self.params["bias"]
-        self._cache = (xhat, inv_std, self.training)
+        self._cache = (xhat, inv_std, m)
         return self._unrows(out, x.shape)
 
-    @staticmethod
-    def batch_moments(X):
-        """(mean, X - mean, biased variance) over the rows of X (M, C), per channel."""
-        m = X.shape[0]
-        mean = _column_sums(X) * (1.0 / m)
+    def batch_moments(self, X):
+        """(mean, X - mean, biased variance, m) over the m rows of the batch, per channel: X (M, C)
+        are this process's rows, m = M unless :attr:`sync` adds other replicas' rows."""
+        sums, m = _column_sums(X), X.shape[0]
+        if self.sync is not None:
+            sums, m = self.sync.counted_sums(sums, m)
+        mean = sums * (1.0 / m)
         centred = X - mean
-        return mean, centred, np.einsum("ij,ij->j", centred, centred) * (1.0 / m)
+        squares = np.einsum("ij,ij->j", centred, centred)
+        if self.sync is not None:
+            squares = self.sync.sums(squares)
+        return mean, centred, squares * (1.0 / m), m
+
+    def whole_batch(self, *sums):
+        """The per-channel ``sums`` of this process's rows, as sums over the whole batch."""
+        if self.sync is None:
+            return sums
+        return np.split(self.sync.sums(np.concatenate(sums)), len(sums))
 
     def update_running(self, mean, var, m):
-        """Fold a batch's mean and biased variance over ``m`` values into the running statistics."""
+        """Fold a batch's mean and biased variance over ``m`` values into the running statistics
+        (once per batch: by the process that leads when the batch is split)."""
+        if self.sync is not None and not self.sync.leader:
+            return
         m_ = self.momentum
         rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
         rm *= 1 - m_
@@ -712,15 +730,16 @@ class _BatchNorm(Module):
         rv += (m_ * m / max(m - 1, 1)) * var  # running_var keeps the unbiased variance
 
     def backward(self, dout):
-        xhat, inv_std, batch_stats = self._cache
+        xhat, inv_std, m = self._cache
         D = self._rows(dout)
         dbeta = _column_sums(D)
         dgamma = np.einsum("ij,ij->j", D, xhat)
+        # this process's share: the shares of all replicas add up to the batch's gradient
         self.grads["weight"], self.grads["bias"] = dgamma, dbeta
         scale = self.params["weight"] * inv_std
-        if not batch_stats:
+        if m is None:  # running statistics: no batch terms
             return self._unrows(D * scale, dout.shape)
-        m = D.shape[0]
+        dgamma, dbeta = self.whole_batch(dgamma, dbeta)
         # d/dx of normalising with the batch's own mean and variance:
         # scale * (dout - mean(dout) - xhat * mean(dout * xhat))
         dx = xhat * (dgamma * (1.0 / m))
@@ -911,14 +930,15 @@ class PoolFirst:
         bn = self.bn
         if bn is None:
             return None
+        m = None
         if bn.training:
-            mean, _, var = bn.batch_moments(rows)
+            mean, _, var, m = bn.batch_moments(rows)
         else:
             mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
         inv_std = 1 / np.sqrt(var + bn.eps)
         scale = bn.params["weight"] * inv_std
         return dict(mean=mean, var=var, inv_std=inv_std, scale=scale, shift=bn.params["bias"] - mean * scale,
-                    batch=bn.training, m=rows.shape[0])
+                    batch=bn.training, m=m)
 
     def backward(self, dout):
         pooled, out, norm, blocks = self._cache
@@ -932,9 +952,10 @@ class PoolFirst:
         dbeta = _column_sums(Z)
         # sum of dz * xhat over the pooled positions, xhat = (pooled - mean) * inv_std
         dgamma = (np.einsum("ij,ij->j", Z, self.bn._rows(pooled)) - mean * dbeta) * inv_std
-        self.bn.grads["weight"], self.bn.grads["bias"] = dgamma, dbeta
+        self.bn.grads["weight"], self.bn.grads["bias"] = dgamma, dbeta  # this process's share
         c1 = c0 = None
         if norm["batch"]:
+            dgamma, dbeta = self.bn.whole_batch(dgamma, dbeta)
             # BN with batch statistics: dx = scale * (D - mean(D) - xhat * mean(D * xhat)), D = dz at the
             # winners; the two mean terms are per-channel constants, so dx = c1 * x + c0 + scale * D
             c1 = -scale * inv_std * dgamma * (1.0 / norm["m"])

@@ -57,9 +57,10 @@ class Optimizer:
         """Change ``p`` in place given its (penalised) gradient ``g``."""
         raise NotImplementedError
 
-    def fuse_into_backward(self):
-        """Let large Linear layers apply this optimizer's update during ``backward`` (see
-        :meth:`SGD.fuse_into_backward`); returns the number of layers that do: none by default."""
+    def fuse_into_backward(self, within=None):
+        """Let large Linear layers (of ``within``, a part of the model; default all of it) apply this
+        optimizer's update during ``backward`` (see :meth:`SGD.fuse_into_backward`); returns the
+        number of layers that do: none by default."""
         return 0
 
 
@@ -90,7 +91,7 @@ class SGD(Optimizer):
             g = g + self.momentum * buf if self.nesterov else buf
         _axpy(p, -self.lr, g, self._scratch)
 
-    def fuse_into_backward(self):
+    def fuse_into_backward(self, within=None):
         """Plain SGD only: large Linear layers (FC1 of SimpleNet: 12.6M weights) then update their
         weight inside ``backward``, block of rows by block of rows, as
         ``W = (1 - lr*decay) * W - lr * dout.T @ x``, and keep no weight gradient (``step`` skips them).
@@ -101,7 +102,7 @@ class SGD(Optimizer):
         """
         if self.momentum:
             return 0
-        layers = [m for _, m in self.model.named_modules()
+        layers = [m for _, m in (within or self.model).named_modules()
                   if isinstance(m, nn.Linear) and m.params["weight"].size >= CHUNK]
         for layer in layers:
             layer.fused_update = self._update_linear_weight

@@ -8,16 +8,26 @@ threads: a LeNet-5 half-batch step took 3.4-3.9 ms alone and 4.6-5.9 ms with a s
 the other half (the threads queue for the GIL between NumPy's small calls), but 4.0 ms with a second
 process doing it.
 
-It is exact only for networks whose samples do not interact in a training step: no BatchNorm
-(batch statistics) and no Dropout (one mask stream). :func:`workers_for` decides. The first slice
-runs in the calling process; each other slice runs in a forked child that holds its own copy of the
-network (its caches and gradients). The parameters and buffers live in shared memory, so optimizer
-steps and loaded state dicts reach every child; a child writes its gradients to shared memory too,
-and they are summed into the model's after each backward. Batches and scores travel over a pipe.
-The sum of the slices' gradients is the batch's gradient up to float rounding, and the same for
-every run with the same thread count.
+The first slice runs in the calling process; each other slice runs in a forked child that holds its
+own copy of the network (its caches and gradients). The parameters and buffers live in shared memory,
+so optimizer steps and loaded state dicts reach every child; a child writes its gradients to shared
+memory too, and they are summed into the model's after each backward. Batches and scores travel over
+a pipe. BatchNorm layers add up their per-channel sums over the replicas in the middle of a pass
+(:class:`_LeaderSync`), so that every slice is normalised with the whole batch's statistics. The sum
+of the slices' gradients is then the batch's gradient up to float rounding, and the same for every
+run with the same thread count. Dropout (one mask stream) and weights updated inside ``backward``
+keep a network in one process.
+
+Networks with a large fully connected head (SimpleNet: 12.72M of its 12.74M weights in FC1 and FC2)
+split once more (:class:`TrunkParallel`): the replicas share the batch up to the first Linear layer,
+and the head runs here on BLAS threads. A Linear layer reads each weight once per sample, a
+convolution hundreds of times: with the batch split, every replica would stream FC1's 50 MB of weights
+and write a 50 MB gradient to be summed (a SimpleNet step on half the batch took 70-75 ms against
+105 ms on the whole batch at one thread), while two BLAS threads share one pass over them. That
+needs idle BLAS threads that sleep soon (:mod:`numexp.blas_idle`). :func:`parallelize` decides.
 """
 import builtins
+import collections
 import json
 import mmap
 import multiprocessing
@@ -25,15 +35,18 @@ import signal
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from numexp import nn
+from numexp import blas_idle, nn
 
-# layers whose training output for one sample depends on the other samples of the batch, or on a
-# random stream that replicas would have to share
-SAMPLE_COUPLED = (nn._BatchNorm, nn.Dropout)
+# layers whose training output draws on a random stream that replicas would have to share
+SAMPLE_COUPLED = (nn.Dropout,)
 # how long a replica, or the caller waiting for one, polls for the next message before it sleeps
 SPIN_SECONDS = 0.002
+# a Sequential whose layers from the first Linear on hold this many parameters keeps them in one
+# process on BLAS threads (TrunkParallel): LeNet-5's head (59k) and SimpleConvNet's (433k) train
+# faster inside the replicas, SimpleNet's (12.7M) outside
+HEAD_PARAMS = 1_000_000
 
 
 def available():
@@ -41,20 +54,48 @@ def available():
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-def workers_for(model, threads):
-    """``(replicas, blas_threads)`` for ``threads`` cores: ``(threads, 1)`` when the model can run data
-    parallel, else ``(1, threads)`` (one network, BLAS on every thread)."""
+def parallelize(model, threads, opt):
+    """``(net, layout)``: the network that trains ``model`` on ``threads`` cores, and how it uses them.
+
+    ``net`` is ``model`` itself (BLAS on every thread), a :class:`DataParallel` of it (one replica per
+    core, BLAS on one thread each) or, for a large head (:func:`head_split`), a :class:`TrunkParallel`
+    (both, one after the other; else the model itself: never replicas of a large head). Layers
+    that run in this process only are told to take ``opt``'s update inside their backward (see
+    :meth:`numexp.optim.SGD.fuse_into_backward`). ``layout`` is what a run records:
+    ``{"replicas", "blas_threads"}`` and, for a split network, ``"head"`` (its first layer's name).
+    """
     threads = int(threads)
-    if threads > 1 and can_split(model) and available():
-        return threads, 1
-    return 1, threads
+    if threads > 1 and available():
+        split = head_split(model)
+        if split is not None and blas_idle.workers_sleep():
+            net = TrunkParallel(model, threads, split)
+            opt.fuse_into_backward(net.head)
+            return net, {"replicas": threads, "blas_threads": threads, "head": split}
+        if split is None and can_split(model):
+            return DataParallel(model, threads), {"replicas": threads, "blas_threads": 1}
+    opt.fuse_into_backward()
+    return model, {"replicas": 1, "blas_threads": threads}
 
 
 def can_split(model):
-    """True if no layer couples the samples of a batch and no layer updates its weights inside
+    """True if no layer draws on a random stream (Dropout) and no layer updates its weights inside
     ``backward`` (a fused optimizer update would race with the other replicas' reads)."""
     return not any(isinstance(m, SAMPLE_COUPLED) or getattr(m, "fused_update", None) is not None
                    for _, m in model.named_modules())
+
+
+def head_split(model):
+    """The name of the first Linear layer of a Sequential ``model`` when the layers from it on hold at
+    least :data:`HEAD_PARAMS` parameters and the layers before it can run data parallel; else None."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    names = list(model._children)
+    first = next((i for i, name in enumerate(names) if isinstance(model[name], nn.Linear)), None)
+    if not first:  # no Linear layer, or nothing before it to split
+        return None
+    head_params = sum(model[name].num_params() for name in names[first:])
+    trunk_ok = all(can_split(model[name]) for name in names[:first])
+    return names[first] if head_params >= HEAD_PARAMS and trunk_ok else None
 
 
 class ReplicaError(RuntimeError):
@@ -77,13 +118,17 @@ class DataParallel:
 
     def __init__(self, model, replicas):
         if not can_split(model):
-            raise ValueError("DataParallel needs a network without BatchNorm, Dropout or fused updates")
+            raise ValueError("DataParallel needs a network without Dropout or fused updates")
         if not available():
             raise RuntimeError("DataParallel needs the 'fork' start method, which this platform lacks")
         self.model = model
         self.state = _SharedArrays(_slots(model, "params") + _slots(model, "buffers"))
         self.state.adopt()  # before forking, so that the children see the same memory
-        self.replicas = [_Replica(model, number) for number in range(1, int(replicas))]
+        self.sync = _LeaderSync()
+        self._batch_norms = [m for _, m in model.named_modules() if isinstance(m, nn._BatchNorm)]
+        self.replicas = [_Replica(model, number, self._batch_norms) for number in range(1, int(replicas))]
+        for bn in self._batch_norms:
+            bn.sync = self.sync
         self._slices = []
 
     def __call__(self, x):
@@ -112,6 +157,8 @@ class DataParallel:
         for replica in self.replicas:
             replica.close()
         self.replicas = []
+        for bn in self._batch_norms:
+            bn.sync = None
 
     def _run(self, send, array, here):
         """Send each replica its slice of ``array``, run ``here`` on the first slice meanwhile, and
@@ -121,16 +168,63 @@ class DataParallel:
         busy = self.replicas[:len(parts) - 1]
         for replica, part in zip(busy, parts[1:]):
             send(replica, part)
-        outcomes = []
-        for job in [lambda: here(parts[0])] + [replica.result for replica in busy]:
-            try:
-                outcomes.append((True, job()))
-            except Exception as err:  # noqa: BLE001 - re-raised below, once the others have answered
-                outcomes.append((False, err))
+        self.sync.replicas = busy
+        try:
+            outcomes = [_outcome(lambda: here(parts[0]))]
+        finally:
+            self.sync.replicas = []
+        outcomes += [_outcome(replica.result) for replica in busy]
         for ok, value in outcomes:
             if not ok:
                 raise value
         return [value for _, value in outcomes]
+
+
+def _outcome(job):
+    """``(True, job())``, or ``(False, the exception)`` to raise once every replica has answered."""
+    try:
+        return True, job()
+    except Exception as err:  # noqa: BLE001 - re-raised by the caller
+        return False, err
+
+
+class TrunkParallel:
+    """``model`` (a Sequential) with its layers before ``head`` run as a :class:`DataParallel` trunk
+    on ``replicas`` cores, BLAS on one thread each, and the layers from ``head`` on, here, with BLAS
+    on the threads the caller set (the trainer: one per core).
+
+    Used like :class:`DataParallel`. The trunk's BatchNorm layers normalise with the whole batch's
+    statistics, so the result is the model's up to float rounding.
+    """
+
+    def __init__(self, model, replicas, head):
+        layers = list(model._children.items())
+        split = [name for name, _ in layers].index(head)
+        self.model = model
+        self.trunk = nn.Sequential(collections.OrderedDict(layers[:split]))
+        self.head = nn.Sequential(collections.OrderedDict(layers[split:]))
+        self.trunk_net = DataParallel(self.trunk, replicas)
+        self._blas = ThreadpoolController().select(user_api="blas")  # ~15 us a switch
+
+    def __call__(self, x):
+        with self._blas.limit(limits=1):
+            features = self.trunk_net(x)
+        return self.head(features)
+
+    def backward(self, dout):
+        dfeatures = self.head.backward(dout)
+        with self._blas.limit(limits=1):
+            return self.trunk_net.backward(dfeatures)
+
+    def train(self, mode=True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def close(self):
+        self.trunk_net.close()
 
 
 def _slots(model, kind):
@@ -163,20 +257,76 @@ class _SharedArrays:
                 arrays[key] = view
 
 
+class _Sync:
+    """Per-channel sums of BatchNorm over the replicas of one batch; ``sums(part)`` is the total."""
+
+    leader = False
+
+    def counted_sums(self, sums, m):
+        """``(total sums, total m)`` of this replica's ``sums`` over ``m`` rows (added in float64)."""
+        total = self.sums(np.append(sums.astype(np.float64), m))
+        return total[:-1].astype(sums.dtype), int(round(total[-1]))
+
+
+class _LeaderSync(_Sync):
+    """The calling process's side: adds the busy replicas' parts to its own, in replica order, and
+    sends every replica the total. It also updates the running statistics (``leader``)."""
+
+    leader = True
+
+    def __init__(self):
+        self.replicas = []  # those working on the current call: none outside DataParallel's calls
+
+    def sums(self, part):
+        parts, delivered = [part], []
+        try:
+            for replica in self.replicas:
+                parts.append(replica.sync_part())
+                delivered.append(replica)
+        except BaseException:
+            for replica in delivered:
+                replica.send_total(None)  # release it: its pass fails, and its answer says so
+            raise
+        total = parts[0]
+        for other in parts[1:]:
+            total = total + other
+        for replica in self.replicas:
+            replica.send_total(total)
+        return total
+
+
+class _FollowerSync(_Sync):
+    """A replica's side: sends its part over its pipe and waits for the total."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def sums(self, part):
+        _send(self.conn, {"op": "sync"}, part)
+        _spin_until_readable(self.conn)
+        header, total = _receive(self.conn)
+        if total is None:
+            raise RuntimeError("the batch was abandoned by the calling process")
+        return total
+
+
 class _Replica:
     """A forked child process running ``model`` on the slices it is sent, one call at a time.
 
     Protocol over a pipe, one request and one answer at a time, each one message of a JSON header and
-    an array's bytes (:func:`_send`): nothing is pickled. The child writes its gradients into shared
-    memory after a backward; :meth:`add_grads` adds them into the model's.
+    an array's bytes (:func:`_send`): nothing is pickled. During a training pass the replica also sends
+    the partial sums of each BatchNorm layer and waits for their totals (:class:`_LeaderSync`). The
+    child writes its gradients into shared memory after a backward; :meth:`add_grads` adds them into
+    the model's.
     """
 
-    def __init__(self, model, number):
+    def __init__(self, model, number, batch_norms):
         self.number = number
         self.grads = _SharedArrays(_slots(model, "params"))
         self._conn, child_end = multiprocessing.Pipe()
+        self._answer = None  # an answer read while a sync part was expected
         context = multiprocessing.get_context("fork")
-        self.process = context.Process(target=_serve, args=(child_end, self._conn, model, self.grads),
+        self.process = context.Process(target=_serve, args=(child_end, self._conn, model, self.grads, batch_norms),
                                        name=f"numexp-replica-{number}", daemon=True)
         self.process.start()
         child_end.close()
@@ -189,13 +339,40 @@ class _Replica:
 
     def result(self):
         """The answer to the last request: an array, or None; the replica's error raised here."""
+        header, array = self._answer or self._read()
+        self._answer = None
+        while header.get("op") == "sync":  # its caller failed before asking for these sums
+            self.send_total(None)
+            header, array = self._read()
+        return self._unpack(header, array)
+
+    def sync_part(self):
+        """The replica's part of the current BatchNorm sums; its error if it answered instead."""
+        header, array = self._read()
+        if header.get("op") == "sync":
+            return array
+        self._answer = header, array  # for result()
+        self._unpack(header, array)
+        raise ReplicaError(f"data-parallel replica {self.number} finished its pass without the "
+                           f"BatchNorm sums of its slice")
+
+    def send_total(self, total):
+        """The total of the current sums, or None to make the replica's pass fail."""
+        try:
+            _send(self._conn, {"op": "total"}, total)
+        except OSError:
+            pass  # the replica is gone; result() says so
+
+    def _read(self):
         try:
             _spin_until_readable(self._conn)
-            header, array = _receive(self._conn)
+            return _receive(self._conn)
         except (EOFError, OSError):
             raise ReplicaError(f"data-parallel replica {self.number} (pid {self.process.pid}) died "
                                f"(exit code {self.process.exitcode}); run with threads=1 to avoid "
                                f"replicas") from None
+
+    def _unpack(self, header, array):
         if not header["ok"]:
             kind = getattr(builtins, header["type"], None)
             kind = kind if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError
@@ -257,11 +434,14 @@ def _receive(conn):
     return header, np.frombuffer(message, header["dtype"], offset=4 + size).reshape(header["shape"]).copy()
 
 
-def _serve(conn, parent_end, model, grads):
+def _serve(conn, parent_end, model, grads, batch_norms):
     """The replica process: answer forward and backward requests until told to stop or orphaned."""
     parent_end.close()  # so that the parent's death ends our reads
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threadpool_limits(1)
+    follower = _FollowerSync(conn)
+    for bn in batch_norms:
+        bn.sync = follower
     while True:
         try:
             _spin_until_readable(conn)
@@ -282,4 +462,7 @@ def _serve(conn, parent_end, model, grads):
                             np.copyto(view, module.grads[key])
             _send(conn, {"ok": True}, answer)
         except Exception as err:  # noqa: BLE001 - handed to the parent
-            _send(conn, {"ok": False, "type": type(err).__name__, "message": str(err)})
+            try:
+                _send(conn, {"ok": False, "type": type(err).__name__, "message": str(err)})
+            except OSError:
+                return  # the parent is gone

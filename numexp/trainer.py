@@ -25,8 +25,8 @@ from hydra.types import RunMode
 from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from numexp import (allocator, blas, config, data, kernels_choice, losses, models, nn, optim, parallel, provenance,
-                    schedules)
+from numexp import (allocator, blas, blas_idle, config, data, kernels_choice, losses, models, nn, optim, parallel,
+                    provenance, schedules)
 from numexp.rundir import CHECKPOINT, GIT_DIFF, RunDir, RunDirError, check_same_run
 from numexp.summary import layer_summary
 
@@ -200,13 +200,10 @@ class Trainer:
         self.model.set_input_grad(False)  # nobody needs the gradient of the images
         self.batch_rng = np.random.default_rng(batch_seq)
         self.loss_fn, self.opt, self.schedule, self.augment = build_components(cfg, self.model)
-        # the cores go to data-parallel replicas of a small network, or else to BLAS
-        self.replicas, self.blas_threads = parallel.workers_for(self.model, cfg.threads)
-        if self.replicas > 1:
-            self.net = parallel.DataParallel(self.model, self.replicas)
-        else:
-            self.net = self.model
-            self.opt.fuse_into_backward()  # every backward here is followed by a step
+        # the cores go to data-parallel replicas, to BLAS, or to both (every backward here is followed
+        # by a step, so large Linear layers may take the update inside it)
+        self.net, self.layout = parallel.parallelize(self.model, cfg.threads, self.opt)
+        self.blas_threads = self.layout["blas_threads"]
         self.best = Best()
         self.stopped_early = False
         self.epochs = planned_epochs(cfg)
@@ -223,7 +220,7 @@ class Trainer:
         """What the summary records about the model and the data (normalisation included, so the
         checkpoint can be used on new images later)."""
         return {"model": {"name": self.cfg.model.name, "num_params": int(self.model.num_params())},
-                "parallel": {"replicas": self.replicas, "blas_threads": self.blas_threads},
+                "parallel": dict(self.layout),
                 "allocator": dict(allocator.decision),
                 "data": {**self.ds.info, "class_names": list(self.ds.class_names)},
                 "checkpoint": CHECKPOINT}
@@ -537,11 +534,13 @@ def _blas_threads():
     """Threads in effect and kernels in use per BLAS library, e.g.
     ``[{"library": "openblas", "num_threads": 1, "architecture": "Haswell", "kernels_choice": {...}}]``.
 
-    ``kernels_choice`` says whose choice OpenBLAS's kernels are and why (:mod:`numexp.kernels_choice`);
+    ``kernels_choice`` says whose choice OpenBLAS's kernels are and why (:mod:`numexp.kernels_choice`),
+    ``thread_timeout`` the same of how long its idle threads spin (:mod:`numexp.blas_idle`);
     ``direct_gemm`` whether FC updates go through :mod:`numexp.blas` (its source) or NumPy. Both keep
     timings comparable across machines."""
     return [{"library": i["internal_api"], "num_threads": i["num_threads"], "architecture": i.get("architecture"),
-             **({"kernels_choice": dict(kernels_choice.decision), "direct_gemm": blas.source()}
+             **({"kernels_choice": dict(kernels_choice.decision), "thread_timeout": dict(blas_idle.decision),
+                 "direct_gemm": blas.source()}
                 if i["internal_api"] == "openblas" else {})}
             for i in threadpool_info() if i["user_api"] == "blas"]
 

@@ -1,4 +1,4 @@
-"""Data-parallel replicas: the batch's scores and gradients, for networks whose samples do not interact."""
+"""Data-parallel replicas: the batch's scores, gradients and BatchNorm statistics, whole or up to a head."""
 import json
 
 import numpy as np
@@ -83,27 +83,114 @@ def test_input_gradient_is_concatenated_when_asked_for():
         net.close()
 
 
-@pytest.mark.parametrize("extra", [nn.BatchNorm1d(10), nn.Dropout(0.5, rng=np.random.default_rng(0))])
-def test_networks_whose_samples_interact_stay_whole(extra):
-    model = lenet()
-    model.add_module("extra", extra)
-    assert not parallel.can_split(model)
-    assert parallel.workers_for(model, 2) == (1, 2)
-    with pytest.raises(ValueError, match="BatchNorm, Dropout or fused"):
-        parallel.DataParallel(model, 2)
+def bn_net(dtype=np.float64, head=(32,)):
+    """conv-BN-ReLU-pool (a pool-first group), conv-BN-ReLU, then Linear layers with a BatchNorm1d."""
+    nn.set_default_dtype(dtype)
+    rng = np.random.default_rng(0)
+    try:
+        layers = [nn.Conv2d(3, 4, 3, padding=1, rng=rng), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                  nn.Conv2d(4, 5, 3, padding=1, rng=rng), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten()]
+        width = 5 * 4 * 4
+        for hidden in head:
+            layers += [nn.Linear(width, hidden, rng=rng), nn.BatchNorm1d(hidden), nn.ReLU()]
+            width = hidden
+        model = nn.Sequential(*layers, nn.Linear(width, 3, rng=rng))
+    finally:
+        nn.set_default_dtype(np.float32)
+    for _, m in model.named_modules():  # statistics and scales away from their defaults
+        if isinstance(m, nn._BatchNorm):
+            m.params["weight"][:] = rng.uniform(0.5, 1.5, m.num_features)
+            m.params["bias"][:] = rng.uniform(-0.5, 0.5, m.num_features)
+            m.buffers["running_mean"][:] = rng.uniform(-0.1, 0.1, m.num_features)
+    return model
 
 
-def test_fused_updates_and_one_thread_stay_whole():
-    model = models.build("simplenet", (3, 32, 32), 43, rng=np.random.default_rng(0))
-    assert parallel.workers_for(model, 2) == (1, 2)  # BatchNorm
+def bn_batch(n, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 3, 8, 8)) + 0.5, rng.integers(0, 3, n)
+
+
+def assert_same_step(single, net, model, x, y):
+    """A training step of ``net`` (over ``model``) and of ``single``: same scores, gradients, statistics."""
+    loss = losses.build("softmax")
+    expected = single(x)
+    single.backward(loss(expected, y)[1])
+    scores = net(x)
+    net.backward(loss(scores, y)[1])
+    np.testing.assert_allclose(scores, expected, rtol=1e-10, atol=1e-12)
+    ours, theirs = grads_of(model), grads_of(single)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-9, atol=1e-12, err_msg=name)
+    for name, value in single.state_dict().items():
+        np.testing.assert_allclose(model.state_dict()[name], value, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+@pytest.mark.parametrize("replicas, n", [(2, 8), (3, 7), (2, 3)])
+def test_batchnorm_replicas_normalise_with_the_whole_batchs_statistics(replicas, n):
+    """Uneven slices; the running statistics are updated once, as by one network on the batch."""
+    x, y = bn_batch(n)
+    single, model = bn_net(), bn_net()
+    net = parallel.DataParallel(model, replicas)
+    try:
+        for _ in range(2):
+            assert_same_step(single, net, model, x, y)
+        net.eval()
+        np.testing.assert_allclose(net(x), single.eval()(x), rtol=1e-10)
+    finally:
+        net.close()
+    assert all(m.sync is None for _, m in model.named_modules() if isinstance(m, nn._BatchNorm))
+
+
+def test_a_large_head_runs_here_on_blas_threads_after_replicas_of_the_trunk(monkeypatch):
+    monkeypatch.setattr(parallel, "HEAD_PARAMS", 1000)
+    monkeypatch.setattr(parallel.blas_idle, "decision", {"timeout": "18"})
+    x, y = bn_batch(9)
+    single, model = bn_net().set_input_grad(False), bn_net().set_input_grad(False)
+    net, layout = parallel.parallelize(model, 2, optim.build("sgd", model, lr=0.1))
+    try:
+        assert isinstance(net, parallel.TrunkParallel) and layout == {"replicas": 2, "blas_threads": 2, "head": "8"}
+        assert list(net.head._children) == ["8", "9", "10", "11"]  # the head's BatchNorm1d runs here
+        assert_same_step(single, net, model, x, y)
+        assert net.backward(losses.build("softmax")(net(x), y)[1]) is None  # no image gradient asked for
+    finally:
+        net.close()
+
+
+def test_how_the_cores_are_used(monkeypatch):
+    opt = lambda model: optim.build("sgd", model, lr=0.1)  # noqa: E731
     small = lenet(np.float32)
-    assert parallel.workers_for(small, 1) == (1, 1)
-    assert parallel.workers_for(small, 2) == (2, 1)
+    net, layout = parallel.parallelize(small, 2, opt(small))
+    net.close()
+    assert isinstance(net, parallel.DataParallel) and layout == {"replicas": 2, "blas_threads": 1}
+    assert parallel.parallelize(small, 1, opt(small)) == (small, {"replicas": 1, "blas_threads": 1})
+    monkeypatch.setattr(parallel.blas_idle, "decision", {"timeout": "18"})
+    simplenet = models.build("simplenet", (3, 32, 32), 43, rng=np.random.default_rng(0))
+    assert parallel.head_split(simplenet) == "fc1"
+    with_bn = bn_net(np.float32)  # a small head: the whole network splits
+    assert parallel.head_split(with_bn) is None
+    net, layout = parallel.parallelize(with_bn, 2, opt(with_bn))
+    net.close()
+    assert layout == {"replicas": 2, "blas_threads": 1}
+    monkeypatch.setattr(parallel.blas_idle, "decision", {"timeout": None})  # workers would spin
+    sgd = opt(simplenet)
+    assert parallel.parallelize(simplenet, 2, sgd) == (simplenet, {"replicas": 1, "blas_threads": 2})
+    assert simplenet["fc1"].fused_update is not None  # one process: FC1 updates inside backward
+
+
+@pytest.mark.parametrize("extra", [nn.Dropout(0.5, rng=np.random.default_rng(0)), "fused"])
+def test_dropout_and_fused_updates_stay_in_one_process(extra):
+    model = models.build("mlp", (1, 64, 64), 10, hidden=[1024], rng=np.random.default_rng(0))
+    if extra == "fused":
+        assert optim.build("sgd", model, lr=0.1).fuse_into_backward() == 1
+    else:
+        model.add_module("extra", extra)
+    assert not parallel.can_split(model)
+    with pytest.raises(ValueError, match="Dropout or fused"):
+        parallel.DataParallel(model, 2)
+    small = lenet(np.float32)
     optim.build("sgd", small, lr=0.1).fuse_into_backward()  # LeNet's layers are too small to fuse
     assert parallel.can_split(small)
-    mlp = models.build("mlp", (1, 64, 64), 10, hidden=[1024], rng=np.random.default_rng(0))
-    assert optim.build("sgd", mlp, lr=0.1).fuse_into_backward() == 1
-    assert not parallel.can_split(mlp)
 
 
 def test_an_error_in_a_replica_reaches_the_caller_and_the_next_call_works():
@@ -125,6 +212,35 @@ def test_an_error_in_a_replica_reaches_the_caller_and_the_next_call_works():
             net(x)
         x[3, 0, 0, 0] = 0
         assert net(x).shape == (4, 10)
+    finally:
+        net.close()
+
+
+@pytest.mark.parametrize("marked, raised_in", [((0,), ""), ((3,), "replica 1"), ((5,), "replica 2"),
+                                               ((1, 4), "")])
+def test_a_failure_before_the_batchnorm_sums_releases_the_others(marked, raised_in):
+    """Three slices of two samples; whoever fails first (the caller's slice is the first), the others,
+    waiting for BatchNorm's totals, are released, the error is the first slice's, and the next step
+    is in step again."""
+    model = bn_net()
+    conv1 = model[0]
+    plain = conv1.forward
+
+    def forward(x):
+        if np.isnan(x).any():
+            raise ValueError("a marked sample")
+        return plain(x)
+
+    conv1.forward = forward  # before the fork, so the replicas have it too
+    net = parallel.DataParallel(model, 3)
+    try:
+        x, y = bn_batch(6)
+        bad = x.copy()
+        bad[list(marked), 0, 0, 0] = np.nan
+        with pytest.raises(ValueError, match="a marked sample" + (f" .in data-parallel {raised_in}" if raised_in else "$")):
+            net(bad)
+        conv1.forward = plain
+        assert_same_step(bn_net(), net, model, x, y)
     finally:
         net.close()
 
