@@ -217,7 +217,8 @@ class TrunkParallel:
             return self.trunk_net.backward(dfeatures)
 
     def train(self, mode=True):
-        self.model.train(mode)
+        for part in (self.model, self.trunk, self.head):  # the layers and both containers
+            part.train(mode)
         return self
 
     def eval(self):

@@ -153,6 +153,11 @@ def test_a_large_head_runs_here_on_blas_threads_after_replicas_of_the_trunk(monk
         assert list(net.head._children) == ["8", "9", "10", "11"]  # the head's BatchNorm1d runs here
         assert_same_step(single, net, model, x, y)
         assert net.backward(losses.build("softmax")(net(x), y)[1]) is None  # no image gradient asked for
+        single.backward(losses.build("softmax")(single(x), y)[1])
+        net.eval()
+        np.testing.assert_allclose(net(x), single.eval()(x), rtol=1e-10)  # eval mode reached the replica
+        net.train()
+        assert_same_step(single.train(), net, model, x, y)
     finally:
         net.close()
 
