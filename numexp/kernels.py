@@ -1,12 +1,17 @@
 """Array kernels behind the layers: output sizes, im2col and its adjoint, pool blocks, window taps.
 
 Plain functions on NumPy arrays. They loop over kernel taps and pooling-window taps (at
-most kh*kw*pool*pool iterations), never over samples or pixels.
+most kh*kw*pool*pool iterations) and, for cache blocking, over chunks of about a megabyte of samples
+(:func:`im2col_matmul`), never over single samples or pixels.
 """
 import math
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+
+# im2col_matmul: the unfolded patches of this many bytes at a time, for rows this wide or wider
+CHUNK_BYTES = 1 << 20
+WIDE_ROWS = 64
 
 
 def conv_output_size(size, kernel_size, stride=1, padding=0):
@@ -63,6 +68,39 @@ def im2col(x, kh, kw, stride=1, padding=0, pool=1):
 
     One strided view of the padded channels-last input and one copy: no loop at all.
     """
+    patches, _ = _patches(x, kh, kw, stride, padding, pool)
+    return patches.reshape(-1, kh * kw * x.shape[1])
+
+
+def im2col_matmul(x, w_rows, kh, kw, stride=1, padding=0, pool=1, chunk_bytes=CHUNK_BYTES):
+    """``(col, col @ w_rows.T)`` with col = :func:`im2col` of x (same arguments), built and multiplied a
+    few samples at a time when its rows are wide (kh*kw*C >= :data:`WIDE_ROWS`).
+
+    Shape:
+        w_rows: (F, kh*kw*C) -> col: (M, kh*kw*C), out: (M, F), rows ordered as :func:`im2col`'s.
+
+    OpenBLAS copies the whole of col once more into its packed panels; a chunk of about
+    ``chunk_bytes`` is still in cache when it does. SimpleNet's conv2 forward (64 x 32 x 16 x 16,
+    col of 18.9 MB): 9.2-9.3 -> 8.1-8.2 ms at one thread; conv1 (27-float rows) gained nothing.
+    """
+    patches, lead = _patches(x, kh, kw, stride, padding, pool)
+    N, K, F = x.shape[0], kh * kw * x.shape[1], w_rows.shape[0]
+    col = np.empty(patches.shape, dtype=x.dtype)
+    taps = int(np.prod(patches.shape[:lead], dtype=int))
+    col_rows = col.reshape(taps, N, -1, K)  # (tap, n, pixel, K): the chunks are runs of samples
+    out = np.empty(col_rows.shape[:3] + (F,), dtype=np.result_type(x, w_rows))
+    step = N if K < WIDE_ROWS else max(1, chunk_bytes // (col.nbytes // N))
+    every_tap = (slice(None),) * lead
+    for n in range(0, N, step):
+        np.copyto(col[every_tap + (slice(n, n + step),)], patches[every_tap + (slice(n, n + step),)])
+        np.matmul(col_rows[:, n:n + step].reshape(taps, -1, K), w_rows.T,
+                  out=out[:, n:n + step].reshape(taps, -1, F))
+    return col.reshape(-1, K), out.reshape(-1, F)
+
+
+def _patches(x, kh, kw, stride, padding, pool):
+    """(patches, number of tap axes): the read-only strided view of x's patches that :func:`im2col`
+    copies, shaped (taps..., N, grid..., kh, kw, C); no tap axes without pooling."""
     N, C, H, W = x.shape
     out_h = conv_output_size(H, kh, stride, padding)
     out_w = conv_output_size(W, kw, stride, padding)
@@ -75,7 +113,7 @@ def im2col(x, kh, kw, stride=1, padding=0, pool=1):
     (taps, tap_strides), (grid, grid_strides) = _output_pixels(out_h, out_w, sh, sw, stride, pool)
     patches = as_strided(xp, shape=taps + (N,) + grid + (kh, kw, C),
                          strides=tap_strides + (sn,) + grid_strides + (sh, sw, sc), writeable=False)
-    return patches.reshape(-1, kh * kw * C)
+    return patches, len(taps)
 
 
 def add_channel_bias(rows, bias, width=512):

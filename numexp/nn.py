@@ -341,9 +341,9 @@ class Conv2d(Module):
         N, _, H, W = x.shape
         k, s, p, F, pool = self.kernel_size, self.stride, self.padding, self.out_channels, self.pool_blocks
         out_h, out_w = kernels.conv_output_size(H, k, s, p), kernels.conv_output_size(W, k, s, p)
-        col = kernels.im2col(x, k, k, s, p, pool)  # (N*out_h*out_w, k*k*C)
-        w_rows = w.transpose(0, 2, 3, 1).reshape(F, -1)  # (F, k*k*C), matching col's columns
-        out = col @ w_rows.T  # (N*out_h*out_w, F): channels-last memory
+        w_rows = w.transpose(0, 2, 3, 1).reshape(F, -1)  # (F, k*k*C), matching im2col's columns
+        # col: (N*out_h*out_w, k*k*C); out: (N*out_h*out_w, F), channels-last memory
+        col, out = kernels.im2col_matmul(x, w_rows, k, k, s, p, pool)
         if b is not None:
             kernels.add_channel_bias(out, b)
         self._cache = (x.shape, col, w_rows, pool)

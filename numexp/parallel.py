@@ -116,7 +116,7 @@ class DataParallel:
         when N does not divide), at most N slices.
     """
 
-    def __init__(self, model, replicas):
+    def __init__(self, model, replicas, spin_after_forward=True):
         if not can_split(model):
             raise ValueError("DataParallel needs a network without Dropout or fused updates")
         if not available():
@@ -130,13 +130,15 @@ class DataParallel:
         for bn in self._batch_norms:
             bn.sync = self.sync
         self._slices = []
+        # whether replicas poll for the backward request after answering a forward one (see _serve)
+        self.spin_after_forward = spin_after_forward
 
     def __call__(self, x):
         self.state.adopt()  # arrays someone put in place of the shared ones: copy them in
         bounds = np.linspace(0, len(x), min(len(self.replicas) + 1, max(len(x), 1)) + 1).astype(int)
         self._slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        training = self.model.training
-        return np.concatenate(self._run(lambda replica, part: replica.forward(part, training), x,
+        training, spin = self.model.training, SPIN_SECONDS if self.spin_after_forward else 0
+        return np.concatenate(self._run(lambda replica, part: replica.forward(part, training, spin), x,
                                         lambda part: self.model(part)))
 
     def backward(self, dout):
@@ -203,7 +205,8 @@ class TrunkParallel:
         self.model = model
         self.trunk = nn.Sequential(collections.OrderedDict(layers[:split]))
         self.head = nn.Sequential(collections.OrderedDict(layers[split:]))
-        self.trunk_net = DataParallel(self.trunk, replicas)
+        # after the trunk's forward the replicas wait through the head: polling would take a core from it
+        self.trunk_net = DataParallel(self.trunk, replicas, spin_after_forward=False)
         self._blas = ThreadpoolController().select(user_api="blas")  # ~15 us a switch
 
     def __call__(self, x):
@@ -332,8 +335,9 @@ class _Replica:
         self.process.start()
         child_end.close()
 
-    def forward(self, x, training):
-        self._send({"op": "forward", "training": bool(training)}, x)
+    def forward(self, x, training, spin=SPIN_SECONDS):
+        """Ask for the scores of ``x``; ``spin``: seconds to poll for the next request after answering."""
+        self._send({"op": "forward", "training": bool(training), "spin": spin}, x)
 
     def backward(self, dout):
         self._send({"op": "backward"}, dout)
@@ -443,14 +447,16 @@ def _serve(conn, parent_end, model, grads, batch_norms):
     follower = _FollowerSync(conn)
     for bn in batch_norms:
         bn.sync = follower
+    spin = SPIN_SECONDS
     while True:
         try:
-            _spin_until_readable(conn)
+            _spin_until_readable(conn, spin)
             header, array = _receive(conn)
         except (EOFError, OSError):
             return
         if header["op"] == "stop":
             return
+        spin = header.get("spin", SPIN_SECONDS)
         try:
             with np.errstate(**header["errstate"]):
                 if header["op"] == "forward":

@@ -42,6 +42,18 @@ def test_col2im_product_is_the_adjoint_of_im2col_times_weights():
     assert np.isclose(np.vdot(col @ w_rows.T, d), np.vdot(x, kernels.col2im_product(d, w_taps, x.shape, 3, 3, 2, 1)))
 
 
+@pytest.mark.parametrize("channels, pool, chunk_bytes", [(8, 1, 60000), (8, 2, 90000), (8, 2, 1), (2, 1, 10)])
+def test_im2col_matmul_in_sample_chunks_is_one_unfold_and_one_product(channels, pool, chunk_bytes):
+    """Chunks of 2, 3 and 1 samples (27.6 kB each: uneven last ones); 18-float rows (narrow) in one piece."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, channels, 6, 8))
+    w_rows = rng.standard_normal((3, 9 * channels))
+    col, out = kernels.im2col_matmul(x, w_rows, 3, 3, 1, 1, pool, chunk_bytes=chunk_bytes)
+    expected = kernels.im2col(x, 3, 3, 1, 1, pool)
+    assert np.array_equal(col, expected)
+    np.testing.assert_allclose(out, expected @ w_rows.T, rtol=1e-12)
+
+
 def test_col2im_taps_is_the_adjoint_of_im2col_taps():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 7, 6))
