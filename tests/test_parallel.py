@@ -304,3 +304,31 @@ def test_trainer_runs_replicas_on_two_threads_reproducibly(compose_cfg, tmp_path
     strip = [[",".join(line.split(",")[:-1]) for line in results[n]["metrics"]] for n in ("a", "b")]
     assert strip[0] == strip[1]
     assert two["val_acc"] == pytest.approx(results["one"]["val_acc"], abs=0.02)
+
+
+@pytest.mark.parametrize("head_params", [parallel.HEAD_PARAMS, 1000])
+def test_trainer_runs_batchnorm_networks_on_replicas_reproducibly(compose_cfg, tmp_path, monkeypatch, head_params):
+    """SimpleNet on the digits at threads=2: its small head (8x8 images) makes it all replicas; with a
+    lower bar, replicas up to FC1 and the head on BLAS threads. The same numbers twice, and the
+    same as one thread up to float rounding (BatchNorm's statistics are the whole batch's)."""
+    monkeypatch.setattr(parallel, "HEAD_PARAMS", head_params)
+    monkeypatch.setattr(parallel.blas_idle, "decision", {"timeout": "18"})
+    results = {}
+    for name, threads in (("a", 2), ("b", 2), ("one", 1)):
+        cfg = compose_cfg(["model=simplenet", "optim=sgd", "lr=0.01", "schedule=fixed", "epochs=2", "batch_size=64",
+                           f"threads={threads}"])
+        summary = trainer.train(cfg, out_dir=tmp_path / name)
+        assert summary["status"] == "completed", summary["error"]
+        results[name] = json.loads((tmp_path / name / "summary.json").read_text())
+        results[name]["metrics"] = (tmp_path / name / "metrics.csv").read_text().splitlines()
+    expected = {"replicas": 2, "blas_threads": 1} if head_params > 1000 else {"replicas": 2, "blas_threads": 2,
+                                                                            "head": "fc1"}
+    assert results["a"]["parallel"] == expected
+    strip = [[",".join(line.split(",")[:-1]) for line in results[n]["metrics"]] for n in ("a", "b")]
+    assert strip[0] == strip[1]
+    one = [line.split(",") for line in results["one"]["metrics"][1:]]
+    two = [line.split(",") for line in results["a"]["metrics"][1:]]
+    header = results["one"]["metrics"][0].split(",")
+    loss = header.index("train_loss")
+    for row_one, row_two in zip(one, two):
+        assert float(row_two[loss]) == pytest.approx(float(row_one[loss]), rel=1e-3)
