@@ -198,17 +198,23 @@ def test_dropout_and_fused_updates_stay_in_one_process(extra):
     assert parallel.can_split(small)
 
 
-def test_an_error_in_a_replica_reaches_the_caller_and_the_next_call_works():
-    model = lenet()
-    conv1 = dict(model.children())["conv1"]
-    plain = conv1.forward
+def fail_on_marked_samples(layer):
+    """Make ``layer.forward`` raise on an input with a NaN (a marked sample); returns the plain one.
+    Call it before the fork, so that the replicas have it too."""
+    plain = layer.forward
 
-    def forward(x):  # fails on the samples marked with a NaN: here, only the replica's
+    def forward(x):
         if np.isnan(x).any():
             raise ValueError("a marked sample")
         return plain(x)
 
-    conv1.forward = forward  # before the fork, so the replica has it too
+    layer.forward = forward
+    return plain
+
+
+def test_an_error_in_a_replica_reaches_the_caller_and_the_next_call_works():
+    model = lenet()
+    fail_on_marked_samples(dict(model.children())["conv1"])  # here only the replica's slice is marked
     net = parallel.DataParallel(model, 2)
     try:
         x, _ = batch(4)
@@ -229,14 +235,7 @@ def test_a_failure_before_the_batchnorm_sums_releases_the_others(marked, raised_
     is in step again."""
     model = bn_net()
     conv1 = model[0]
-    plain = conv1.forward
-
-    def forward(x):
-        if np.isnan(x).any():
-            raise ValueError("a marked sample")
-        return plain(x)
-
-    conv1.forward = forward  # before the fork, so the replicas have it too
+    plain = fail_on_marked_samples(conv1)
     net = parallel.DataParallel(model, 3)
     try:
         x, y = bn_batch(6)
