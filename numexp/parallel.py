@@ -309,9 +309,15 @@ class _FollowerSync(_Sync):
         _send(self.conn, {"op": "sync"}, part)
         _spin_until_readable(self.conn)
         header, total = _receive(self.conn)
+        if header.get("op") == "stop":  # closed while this replica waited (the caller was interrupted)
+            raise _Stop
         if total is None:
             raise RuntimeError("the batch was abandoned by the calling process")
         return total
+
+
+class _Stop(Exception):
+    """Raised in a replica told to stop in the middle of a pass."""
 
 
 class _Replica:
@@ -468,6 +474,8 @@ def _serve(conn, parent_end, model, grads, batch_norms):
                         if key in module.grads:
                             np.copyto(view, module.grads[key])
             _send(conn, {"ok": True}, answer)
+        except _Stop:
+            return
         except Exception as err:  # noqa: BLE001 - handed to the parent
             try:
                 _send(conn, {"ok": False, "type": type(err).__name__, "message": str(err)})

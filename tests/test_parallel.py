@@ -1,5 +1,6 @@
 """Data-parallel replicas: the batch's scores, gradients and BatchNorm statistics, whole or up to a head."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -247,6 +248,22 @@ def test_a_failure_before_the_batchnorm_sums_releases_the_others(marked, raised_
         assert_same_step(bn_net(), net, model, x, y)
     finally:
         net.close()
+
+
+def test_an_interrupted_caller_closes_replicas_that_wait_for_batchnorm_sums():
+    model = bn_net()
+    net = parallel.DataParallel(model, 2)
+    try:
+        def interrupted(x):  # after the fork: only the caller's slice is interrupted (Ctrl-C)
+            raise KeyboardInterrupt
+        model[0].forward = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            net(bn_batch(4)[0])
+    finally:
+        process = net.replicas[0].process
+        start = time.perf_counter()
+        net.close()
+    assert process.exitcode == 0 and time.perf_counter() - start < 2  # it stopped, it was not killed
 
 
 def test_replicas_run_in_the_callers_numpy_error_state():
