@@ -40,7 +40,7 @@ from threadpoolctl import ThreadpoolController, threadpool_limits
 from numexp import blas_idle, nn
 
 # layers whose training output draws on a random stream that replicas would have to share
-SAMPLE_COUPLED = (nn.Dropout,)
+RANDOM_STREAM_LAYERS = (nn.Dropout,)
 # how long a replica, or the caller waiting for one, polls for the next message before it sleeps
 SPIN_SECONDS = 0.002
 # a Sequential whose layers from the first Linear on hold this many parameters keeps them in one
@@ -80,7 +80,7 @@ def parallelize(model, threads, opt):
 def can_split(model):
     """True if no layer draws on a random stream (Dropout) and no layer updates its weights inside
     ``backward`` (a fused optimizer update would race with the other replicas' reads)."""
-    return not any(isinstance(m, SAMPLE_COUPLED) or getattr(m, "fused_update", None) is not None
+    return not any(isinstance(m, RANDOM_STREAM_LAYERS) or getattr(m, "fused_update", None) is not None
                    for _, m in model.named_modules())
 
 
@@ -108,7 +108,7 @@ class DataParallel:
 
     Used in place of the model for training steps and evaluation: ``net(x)`` gives the scores of
     the whole batch, ``net.backward(dscores)`` leaves the batch's gradients in ``model``'s grads, so
-    the optimizer of ``model`` steps as usual. Run it with BLAS on one thread (:func:`workers_for`).
+    the optimizer of ``model`` steps as usual. Run it with BLAS on one thread (:func:`parallelize` does).
     Call :meth:`close` when done (the replicas also end when this process does).
 
     Shape:
