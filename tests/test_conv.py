@@ -42,6 +42,32 @@ def test_col2im_product_is_the_adjoint_of_im2col_times_weights():
     assert np.isclose(np.vdot(col @ w_rows.T, d), np.vdot(x, kernels.col2im_product(d, w_taps, x.shape, 3, 3, 2, 1)))
 
 
+@pytest.mark.parametrize("k, stride, padding", [(3, 2, 1), (5, 1, 0), (5, 1, 2), (2, 3, 1)])
+def test_col2im_batch_last_folds_like_col2im_product(k, stride, padding):
+    rng = np.random.default_rng(5)
+    x_shape, F = (3, 2, 9, 8), 4
+    out_h, out_w = (kernels.conv_output_size(n, k, stride, padding) for n in x_shape[2:])
+    d = rng.standard_normal((x_shape[0], F, out_h, out_w))
+    w_rows = rng.standard_normal((F, k * k * 2))
+    w_taps = w_rows.reshape(F, k * k, 2).transpose(1, 0, 2)
+    expected = kernels.col2im_product(kernels.channels_last(d).reshape(-1, F), w_taps, x_shape, k, k, stride, padding)
+    dx = kernels.col2im_batch_last(kernels.batch_last(d), w_rows, x_shape, k, k, stride, padding)
+    assert dx.shape == x_shape and dx.flags.c_contiguous
+    np.testing.assert_allclose(dx, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_last_reads_pool_blocks_in_image_order():
+    d = np.random.default_rng(6).standard_normal((3, 4, 6, 8))
+    blocks = kernels.pool_blocks(d, 2)
+    assert np.array_equal(kernels.batch_last(blocks, 2), kernels.batch_last(d))
+    assert np.array_equal(kernels.batch_last(d).reshape(4, 6, 8, 3), d.transpose(1, 2, 3, 0))
+
+
+def test_few_channel_large_kernel_convolutions_fold_batch_last():
+    assert nn.Conv2d(6, 16, 5).fold_batch_last and not nn.Conv2d(6, 16, 3).fold_batch_last
+    assert not nn.Conv2d(16, 16, 5).fold_batch_last
+
+
 @pytest.mark.parametrize("channels, pool, chunk_bytes", [(8, 1, 60000), (8, 2, 90000), (8, 2, 1), (2, 1, 10)])
 def test_im2col_matmul_in_sample_chunks_is_one_unfold_and_one_product(channels, pool, chunk_bytes):
     """Chunks of 2, 3 and 1 samples (27.6 kB each: uneven last ones); 18-float rows (narrow) in one piece."""
