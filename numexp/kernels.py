@@ -188,6 +188,30 @@ def col2im_product(d, w_taps, x_shape, kh, kw, stride=1, padding=0):
     return channels_first(dxp[:, padding:padding + H, padding:padding + W, :])
 
 
+def im2col_batch_last(x, kh, kw, stride=1, padding=0, pool=1):
+    """Unfold image patches into columns with the batch fastest, the layout for few input channels.
+
+    Shape:
+        x: (N, C, H, W) (any memory layout) -> col: (kh*kw*C, out_h*out_w*N), rows ordered (i, j, c)
+        like :func:`im2col`'s columns, columns (oh, ow, n); ``w_rows @ col`` is the convolution.
+        With ``pool`` > 1 the columns are ordered (a, b, ph, pw, n) for output pixel
+        (pool*ph + a, pool*pw + b), as :func:`im2col`'s rows.
+
+    One copy of x into padded (C, H, W, N) memory, then one strided copy whose runs are out_w*N
+    values long (pool*N with pooling) where :func:`im2col` copies runs of kw*C values.
+    """
+    N, C, H, W = x.shape
+    out_h = conv_output_size(H, kh, stride, padding)
+    out_w = conv_output_size(W, kw, stride, padding)
+    xb = np.zeros((C, H + 2 * padding, W + 2 * padding, N), dtype=x.dtype)
+    xb[:, padding:padding + H, padding:padding + W] = x.transpose(1, 2, 3, 0)
+    sc, sh, sw, sn = xb.strides
+    (taps, tap_strides), (grid, grid_strides) = _output_pixels(out_h, out_w, sh, sw, stride, pool)
+    patches = as_strided(xb, shape=(kh, kw, C) + taps + grid + (N,),
+                         strides=(sh, sw, sc) + tap_strides + grid_strides + (sn,), writeable=False)
+    return np.ascontiguousarray(patches).reshape(kh * kw * C, -1)
+
+
 def batch_last(d, pool=1):
     """The (F, out_h*out_w*N) copy of a convolution's output gradient that :func:`col2im_batch_last`
     takes, columns ordered (oh, ow, n): the batch fastest.

@@ -15,7 +15,7 @@ CASES = [  # (shape, out_channels, kernel, stride, padding)
 ]
 
 
-@pytest.mark.parametrize("method", ["im2col", "taps"])
+@pytest.mark.parametrize("method", ["im2col", "taps", "batch_last"])
 @pytest.mark.parametrize("shape,f,k,stride,padding", CASES)
 def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, padding, method):
     rng = np.random.default_rng(0)
@@ -63,9 +63,15 @@ def test_batch_last_reads_pool_blocks_in_image_order():
     assert np.array_equal(kernels.batch_last(d).reshape(4, 6, 8, 3), d.transpose(1, 2, 3, 0))
 
 
-def test_few_channel_large_kernel_convolutions_fold_batch_last():
-    assert nn.Conv2d(6, 16, 5).fold_batch_last and not nn.Conv2d(6, 16, 3).fold_batch_last
-    assert not nn.Conv2d(16, 16, 5).fold_batch_last
+def test_im2col_batch_last_is_im2col_transposed_with_the_batch_fastest():
+    x = np.random.default_rng(7).standard_normal((3, 2, 6, 8))
+    for pool in (1, 2):
+        rows = kernels.im2col(x, 3, 3, 1, 1, pool)  # rows (taps..., n, grid...), columns (i, j, c)
+        col = kernels.im2col_batch_last(x, 3, 3, 1, 1, pool)
+        grid = (2, 2, 3, 3, 4) if pool > 1 else (3, 6, 8)  # (taps..., n, grid...)
+        n_axis = 2 if pool > 1 else 0
+        expected = np.moveaxis(rows.reshape(grid + (18,)), n_axis, -2)  # the batch fastest
+        assert np.array_equal(col, expected.reshape(-1, 18).T)
 
 
 @pytest.mark.parametrize("channels, pool, chunk_bytes", [(8, 1, 60000), (8, 2, 90000), (8, 2, 1), (2, 1, 10)])
@@ -90,8 +96,9 @@ def test_col2im_taps_is_the_adjoint_of_im2col_taps():
     assert np.array_equal(col, rows.reshape(2, -1, 3, 3, 3).transpose(0, 4, 2, 3, 1).reshape(2, 27, -1))
 
 
-def test_auto_method_unfolds_one_channel_inputs_into_columns():
-    assert nn.Conv2d(1, 6, 5).method == "taps" and nn.Conv2d(3, 6, 5).method == "im2col"
+def test_auto_method_picks_the_unfold_by_channels_and_kernel_size():
+    assert nn.Conv2d(1, 6, 5).method == "taps" and nn.Conv2d(6, 16, 5).method == "batch_last"
+    assert nn.Conv2d(6, 16, 3).method == nn.Conv2d(16, 16, 5).method == "im2col"
 
 
 def test_conv_keeps_float32():

@@ -45,7 +45,7 @@ def test_linear_gradients_match_finite_differences():
     (3, 1, 1, (2, 3, 6, 5)), (3, 2, 0, (2, 2, 7, 7)), (5, 1, 2, (1, 2, 6, 6)), (1, 1, 0, (2, 3, 4, 3)),
     (3, 2, 1, (1, 1, 5, 8)),
 ])
-@pytest.mark.parametrize("method", ["im2col", "naive"])
+@pytest.mark.parametrize("method", ["im2col", "batch_last", "naive"])
 def test_conv2d_gradients_match_finite_differences(k, stride, padding, shape, method):
     rng = np.random.default_rng(1)
     layer = nn.Conv2d(shape[1], 4, k, stride, padding, method=method, rng=rng)

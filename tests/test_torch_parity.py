@@ -152,7 +152,7 @@ CONV_CASES = [  # (input shape, out_channels, kernel, stride, padding, bias)
 ]
 
 
-@pytest.mark.parametrize("method", ["im2col", "taps", "naive"])
+@pytest.mark.parametrize("method", list(nn.Conv2d.METHODS))
 @pytest.mark.parametrize("shape,f,k,stride,padding,bias", CONV_CASES,
                          ids=[f"{'x'.join(map(str, c[0]))}-f{c[1]}-k{c[2]}-s{c[3]}-p{c[4]}-{'bias' if c[5] else 'nobias'}"
                               for c in CONV_CASES])
@@ -207,7 +207,7 @@ def test_bn_relu_maxpool_pooled_first_matches_torch(shape, gamma, mode):
 @pytest.mark.parametrize("shape", [(4, 2, 8, 8), (4, 2, 7, 9)], ids=["tiled", "floor-mode"])
 @pytest.mark.parametrize("gamma", ["positive", "one-negative", "no-bn"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("method", ["im2col", "taps"])
+@pytest.mark.parametrize("method", ["im2col", "taps", "batch_last"])
 def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode, method):
     """Conv2d -> [BatchNorm2d ->] ReLU -> MaxPool2d(2): where the windows tile the conv's output, the
     conv hands it over in pool blocks (Conv2d.pool_blocks) to the pool-first group, which sends the
