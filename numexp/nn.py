@@ -287,8 +287,8 @@ class Conv2d(Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding: as torch (square kernels).
         bias: add a learnable bias per output channel.
-        method: ``"auto"`` (``"taps"`` for one input channel, ``"batch_last"`` for fewer than 16 and
-            kernels of 5x5 or more, else ``"im2col"``), ``"im2col"`` (one strided unfold into
+        method: ``"auto"`` (``"batch_last"`` for fewer than 16 input channels and kernels of 5x5 or
+            more, else ``"taps"`` for one input channel, else ``"im2col"``), ``"im2col"`` (one strided unfold into
             channels-last rows and one GEMM), ``"taps"`` (the unfold transposed and sample by sample,
             (N, C*k*k, H_out*W_out): far cheaper to build with one input channel), ``"batch_last"``
             (the unfold transposed with the batch fastest, (k*k*C, H_out*W_out*N): every copied run
@@ -312,7 +312,7 @@ class Conv2d(Module):
         if method not in ("auto",) + self.METHODS:
             raise ValueError(f"Conv2d method must be 'auto' or one of {self.METHODS}, got {method!r}")
         if method == "auto":
-            method = "taps" if in_channels == 1 else "batch_last" if in_channels < 16 and kernel_size >= 5 else "im2col"
+            method = "batch_last" if in_channels < 16 and kernel_size >= 5 else "taps" if in_channels == 1 else "im2col"
         rng = rng if rng is not None else np.random.default_rng()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.method = kernel_size, stride, padding, method
@@ -544,22 +544,31 @@ class AvgPool2d(_Pool2d):
         N, C, H, W = x.shape
         out_h, out_w = self._out_hw(H, W)
         k, s = self.kernel_size, self.stride
-        out = np.zeros((N, C, out_h, out_w), dtype=x.dtype)
-        for _, view in kernels.window_taps(x, k, k, s, out_h, out_w):
+        taps = kernels.window_taps(x, k, k, s, out_h, out_w)
+        _, out = next(taps)
+        out = out.copy(order="K")  # keep the input's memory layout: ufuncs over mixed layouts crawl
+        for _, view in taps:
             out += view
         out *= 1.0 / (k * k)
-        self._cache = x.shape
+        self._cache = x  # for its memory layout; the layer before keeps it anyway
         return out
 
     def backward(self, dout):
-        x_shape = self._cache
+        x = self._cache
         _, _, out_h, out_w = dout.shape
         k, s = self.kernel_size, self.stride
-        dx = np.zeros(x_shape, dtype=dout.dtype)
-        share = dout * (1.0 / (k * k))
+        share = np.empty_like(x[:, :, :out_h, :out_w])  # in the input's memory layout, as dx
+        np.multiply(dout, 1.0 / (k * k), out=share)
+        # windows that tile the input exactly write every element of dx once: no zero fill needed
+        tiled = s == k and x.shape[2] == k * out_h and x.shape[3] == k * out_w
+        dx = np.empty_like(x) if tiled else np.zeros_like(x)
         for i in range(k):
             for j in range(k):
-                dx[kernels.tap_slice(i, j, s, out_h, out_w)] += share
+                where = kernels.tap_slice(i, j, s, out_h, out_w)
+                if tiled:
+                    dx[where] = share
+                else:
+                    dx[where] += share
         return dx
 
 
