@@ -1,13 +1,15 @@
 """Writing a file so that readers, and a process killed at any moment, see the old file or the new one, never a torn one."""
 import contextlib
 import os
+import threading
 from pathlib import Path
 
 
 def temp_name(path):
-    """The hidden temporary ``.NAME.PID.tmp`` beside ``path``: parallel writers never share one."""
+    """The hidden temporary ``.NAME.PID-THREAD.tmp`` beside ``path``: parallel writers, processes or
+    threads of one process, never share one."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
 
 
 def is_temp_name(name):

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 
@@ -151,3 +152,30 @@ def test_a_failing_rename_of_the_cache_warns_and_keeps_the_old_cache(tmp_path, m
 
 def _raise_enospc(src, dst):
     raise OSError(28, "No space left on device")
+
+
+def test_threads_of_one_process_write_through_their_own_temporaries(tmp_path):
+    """Two threads writing one path at once (two loaders building one cache) must not interleave
+    their bytes in a shared temporary: each whole version lands, the last one wins."""
+    from numexp.atomic import atomic_open
+    path = tmp_path / "cache.npz"
+    started, names, errors = threading.Barrier(2), [None, None], []
+
+    def write(i):
+        try:
+            with atomic_open(path) as f:
+                names[i] = os.path.basename(f.name)
+                started.wait(timeout=10)  # both temporaries are open at once
+                np.savez(f, x=np.full(100_000, i, np.int32))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and names[0] != names[1]
+    with np.load(path, allow_pickle=False) as z:
+        assert len(set(z["x"].tolist())) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.npz"]
