@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from numexp import losses, models, optim
+from numexp import losses, models, nn, optim
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,20 @@ def test_training_step_never_leaves_float32(loss, optimizer):
     opt.step()
     for name, p in list(model.named_params()) + list(model.named_buffers()):
         assert p.dtype == np.float32, name
+    assert all(g.dtype == np.float32 for _, g in model.named_grads())
+
+
+@pytest.mark.parametrize("name, options", [
+    ("lenet5", {}), ("lenet5", {"activation": "relu", "pool": "max"}), ("simple_convnet", {}),
+])
+def test_batch_last_convolution_models_stay_float32(name, options):
+    """The batch-last convolutions (LeNet-5's, SimpleConvNet's) and the layers after them."""
+    rng = np.random.default_rng(0)
+    model = models.build(name, (1, 28, 28), 10, rng=rng, **options)
+    assert "batch_last" in {m.method for _, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    scores = model(rng.standard_normal((4, 1, 28, 28)).astype(np.float32))
+    _, dscores = losses.build("softmax")(scores, np.array([0, 1, 2, 3]))
+    assert scores.dtype == np.float32 and model.backward(dscores).dtype == np.float32
     assert all(g.dtype == np.float32 for _, g in model.named_grads())
 
 
