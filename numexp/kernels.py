@@ -120,10 +120,47 @@ def add_channel_bias(rows, bias, width=512):
     """``rows += bias`` for C-contiguous rows (M, F), in place, with the bias tiled across a wider view
     (M / r, r*F) of the same memory, r*F about ``width``: NumPy's inner loop then runs over ~512
     values instead of F (SimpleNet's conv1 output, F = 32: 0.5 -> 0.23 ms)."""
-    M, F = rows.shape
-    r = math.gcd(M, max(1, width // F))
-    rows.reshape(M // r, r * F)[...] += np.tile(bias, r)
+    wide = _wide_rows(rows, width)
+    wide += np.tile(bias, wide.shape[1] // len(bias))
     return rows
+
+
+def channel_affine(x, scale, shift=None, out=None, width=512):
+    """``x * scale + shift`` with one scale and shift per channel (axis 1 of x), into ``out`` (by
+    default a new array in x's memory layout).
+
+    Where x and out keep their channels in channels-last memory, over the wider rows of
+    :func:`add_channel_bias`: SimpleNet's first pool-first backward, four such maps over 0.5M values,
+    2.8-3.1 -> 2.4-2.7 ms at one thread (a whole step: 94.0 -> 93.7 ms, medians of 15 alternating
+    rounds). Any other layout broadcasts the vectors as usual.
+    """
+    out = np.empty_like(x) if out is None else out
+    rows, out_rows = _channel_rows(x), _channel_rows(out)
+    if rows is None or out_rows is None:
+        column = (-1,) + (1,) * (x.ndim - 2)
+        np.multiply(x, scale.reshape(column), out=out)
+        if shift is not None:
+            out += shift.reshape(column)
+        return out
+    wide, out_wide = _wide_rows(rows, width), _wide_rows(out_rows, width)
+    r = wide.shape[1] // len(scale)
+    np.multiply(wide, np.tile(scale, r), out=out_wide)
+    if shift is not None:
+        out_wide += np.tile(shift, r)
+    return out
+
+
+def _channel_rows(x):
+    """The (M, C) view of an (N, C, ...) array whose memory is channels-last and contiguous, else None."""
+    last = np.moveaxis(x, 1, -1)
+    return last.reshape(-1, x.shape[1]) if last.flags.c_contiguous else None
+
+
+def _wide_rows(rows, width):
+    """C-contiguous rows (M, C) viewed as (M / r, r*C), r*C about ``width``."""
+    M, C = rows.shape
+    r = math.gcd(M, max(1, width // C))
+    return rows.reshape(M // r, r * C)
 
 
 def _output_pixels(out_h, out_w, sh, sw, stride, pool):

@@ -971,8 +971,8 @@ class PoolFirst:
                 np.maximum(pooled, tap, out=pooled)
         else:
             pooled = self.pool.forward(x)  # caches (x, pooled): the winners for backward
-        z = pooled if norm is None else pooled * norm["scale"][:, None, None] + norm["shift"][:, None, None]
-        out = np.maximum(z, 0)
+        z = pooled if norm is None else kernels.channel_affine(pooled, norm["scale"], norm["shift"])
+        out = np.maximum(z, 0, out=None if norm is None else z)
         self._cache = (pooled, out, norm, x if blocked else None)
         return out
 
@@ -1012,7 +1012,7 @@ class PoolFirst:
             # winners; the two mean terms are per-channel constants, so dx = c1 * x + c0 + scale * D
             c1 = -scale * inv_std * dgamma * (1.0 / norm["m"])
             c0 = -scale * dbeta * (1.0 / norm["m"]) - c1 * mean
-        g = dz * scale[:, None, None]
+        g = kernels.channel_affine(dz, scale)
         if blocks is not None:
             return self._backward_blocks(blocks, pooled, g, c1, c0)
         x = self.pool._cache[0]
@@ -1020,8 +1020,7 @@ class PoolFirst:
             dx = np.zeros_like(x)
         else:
             dx = np.empty_like(x)
-            np.multiply(x, c1[:, None, None], out=dx)
-            dx += c0[:, None, None]
+            kernels.channel_affine(x, c1, c0, out=dx)
         self.pool.scatter(g, dx, add=True)
         return dx
 
@@ -1030,12 +1029,13 @@ class PoolFirst:
         """dx as pool blocks, in their memory order: ``c1 * x + c0`` (if given, per channel) plus ``g``
         at each window's first maximum. blocks: (T, N, C, H_out, W_out); pooled, g: (N, C, H_out, W_out)."""
         dx = np.empty_like(blocks)
-        scaled = np.empty_like(g) if c1 is not None else None  # reused by every tap: no temporaries
+        winners = np.empty_like(g) if c1 is not None else None  # reused by every tap: no temporaries
         for tap, first, d in zip(blocks, kernels.first_maxima(blocks, pooled), dx):
-            np.multiply(g, first, out=d)
-            if c1 is not None:
-                d += np.multiply(tap, c1[:, None, None], out=scaled)
-                d += c0[:, None, None]
+            if c1 is None:
+                np.multiply(g, first, out=d)
+            else:
+                kernels.channel_affine(tap, c1, c0, out=d)
+                d += np.multiply(g, first, out=winners)
         return dx
 
 

@@ -136,3 +136,16 @@ def test_add_channel_bias_adds_the_bias_to_every_row_in_place(m, f):
     expected = rows + bias
     assert kernels.add_channel_bias(rows, bias) is rows
     np.testing.assert_array_equal(rows, expected)
+
+
+@pytest.mark.parametrize("layout", ["channels-last", "nchw", "batch-last"])
+def test_channel_affine_maps_each_channel_in_any_memory_layout(layout):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, 6, 3, 5))
+    x = {"channels-last": np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+         "nchw": x, "batch-last": np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)}[layout]
+    scale, shift = rng.standard_normal(6), rng.standard_normal(6)
+    out = kernels.channel_affine(x, scale, shift)
+    np.testing.assert_allclose(out, x * scale[:, None, None] + shift[:, None, None], rtol=1e-14)
+    assert out.strides == x.strides  # in x's memory layout
+    np.testing.assert_allclose(kernels.channel_affine(x, scale), x * scale[:, None, None], rtol=1e-14)
