@@ -232,10 +232,10 @@ def im2col_batch_last(x, kh, kw, stride=1, padding=0, pool=1):
         x: (N, C, H, W) (any memory layout) -> col: (kh*kw*C, out_h*out_w*N), rows ordered (i, j, c)
         like :func:`im2col`'s columns, columns (oh, ow, n); ``w_rows @ col`` is the convolution.
         With ``pool`` > 1 the columns are ordered (a, b, ph, pw, n) for output pixel
-        (pool*ph + a, pool*pw + b), as :func:`im2col`'s rows.
+        (pool*ph + a, pool*pw + b): the pool-window taps first, as in :func:`im2col`'s rows.
 
     One copy of x into padded (C, H, W, N) memory, then one strided copy whose runs are out_w*N
-    values long (pool*N with pooling) where :func:`im2col` copies runs of kw*C values.
+    values long (N with pooling) where :func:`im2col` copies runs of kw*C values.
     """
     N, C, H, W = x.shape
     out_h = conv_output_size(H, kh, stride, padding)
@@ -276,7 +276,9 @@ def col2im_batch_last(d, w_rows, x_shape, kh, kw, stride=1, padding=0):
 
     :func:`col2im_product` multiplies by one (F, C) tap of the weights at a time, a GEMM with only C
     output columns, and adds runs of out_w*C values. LeNet-5's conv2 (C = 6, 5x5): 1.45-1.49 ms that
-    way, 0.73-0.78 ms this way at one thread. With 3x3 kernels or 16 channels it is the slower one.
+    way, 0.73-0.78 ms this way at one thread; with C = 12, 2.0 against 1.5 ms. With 3x3 kernels it
+    is the slower one (C = 8 on 28x28: 3.4-3.5 ms that way against 5.0-5.3; C = 16 on 14x14: 2.3
+    against 2.6-2.9), hence :class:`numexp.nn.Conv2d`'s choice (5x5 or more, under 16 channels).
     """
     N, C, H, W = x_shape
     out_h = conv_output_size(H, kh, stride, padding)

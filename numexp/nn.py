@@ -287,13 +287,13 @@ class Conv2d(Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding: as torch (square kernels).
         bias: add a learnable bias per output channel.
-        method: ``"auto"`` (``"batch_last"`` for fewer than 16 input channels and kernels of 5x5 or
-            more, else ``"taps"`` for one input channel, else ``"im2col"``), ``"im2col"`` (one strided unfold into
-            channels-last rows and one GEMM), ``"taps"`` (the unfold transposed and sample by sample,
-            (N, C*k*k, H_out*W_out): far cheaper to build with one input channel), ``"batch_last"``
-            (the unfold transposed with the batch fastest, (k*k*C, H_out*W_out*N): every copied run
-            and every slice-add of the input gradient is out_w*N values long) or ``"naive"`` (loops
-            over output pixels; the reference for tests).
+        method: ``"auto"`` (``"batch_last"`` for fewer than 16 input channels and kernels of 5x5
+            or more, else ``"taps"`` for one input channel, else ``"im2col"``), ``"im2col"`` (one
+            strided unfold into channels-last rows and one GEMM), ``"taps"`` (the unfold transposed
+            and sample by sample, (N, C*k*k, H_out*W_out): far cheaper to build with one input
+            channel), ``"batch_last"`` (the unfold transposed with the batch fastest, (k*k*C,
+            H_out*W_out*N): its copy and the slice-adds of the input gradient run over whole runs
+            of the batch) or ``"naive"`` (loops over output pixels; the reference for tests).
 
     Shape:
         x: (N, C_in, H, W) -> out: (N, C_out, H_out, W_out),
@@ -312,7 +312,8 @@ class Conv2d(Module):
         if method not in ("auto",) + self.METHODS:
             raise ValueError(f"Conv2d method must be 'auto' or one of {self.METHODS}, got {method!r}")
         if method == "auto":
-            method = "batch_last" if in_channels < 16 and kernel_size >= 5 else "taps" if in_channels == 1 else "im2col"
+            few_channels = in_channels < 16 and kernel_size >= 5  # measured: see kernels.col2im_batch_last
+            method = "batch_last" if few_channels else "taps" if in_channels == 1 else "im2col"
         rng = rng if rng is not None else np.random.default_rng()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.method = kernel_size, stride, padding, method
