@@ -754,15 +754,33 @@ class _BatchNorm(Module):
     def batch_moments(self, X):
         """(mean, X - mean, biased variance, m) over the m rows of the batch, per channel: X (M, C)
         are this process's rows, m = M unless :attr:`sync` adds other replicas' rows."""
+        mean, m = self._batch_mean(X)
+        centred = X - mean
+        return mean, centred, self._mean_square(centred, m), m
+
+    def batch_mean_var(self, X):
+        """(mean, biased variance, m) as :meth:`batch_moments`, without the centred copy of X where
+        that is safe: the variance from the sums of X and of its squares, E[x²] - mean², when every
+        channel's mean² <= var, so the cancellation costs at most a factor of 2 in precision; else
+        from the centred rows. SimpleNet's first BatchNorm (4.2M values): 1.4-1.9 -> 0.6-0.8 ms."""
+        mean, m = self._batch_mean(X)
+        var = self._mean_square(X, m) - mean * mean
+        if (mean * mean <= var).all():  # the same totals, so every replica takes the same branch
+            return mean, var, m
+        return mean, self._mean_square(X - mean, m), m
+
+    def _batch_mean(self, X):
         sums, m = _column_sums(X), X.shape[0]
         if self.sync is not None:
             sums, m = self.sync.counted_sums(sums, m)
-        mean = sums * (1.0 / m)
-        centred = X - mean
-        squares = np.einsum("ij,ij->j", centred, centred)
+        return sums * (1.0 / m), m
+
+    def _mean_square(self, X, m):
+        """Per channel, the sum of squares of the batch's rows (this process's rows X) over m."""
+        squares = np.einsum("ij,ij->j", X, X)
         if self.sync is not None:
             squares = self.sync.sums(squares)
-        return mean, centred, squares * (1.0 / m), m
+        return squares * (1.0 / m)
 
     def whole_batch(self, *sums):
         """The per-channel ``sums`` of this process's rows, as sums over the whole batch."""
@@ -985,7 +1003,7 @@ class PoolFirst:
             return None
         m = None
         if bn.training:
-            mean, _, var, m = bn.batch_moments(rows)
+            mean, var, m = bn.batch_mean_var(rows)
         else:
             mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
         inv_std = 1 / np.sqrt(var + bn.eps)

@@ -272,6 +272,23 @@ def test_col2im_taps_with_pool_is_the_adjoint_of_im2col_taps_with_pool():
     assert np.isclose(np.vdot(col, c), np.vdot(x, kernels.col2im_taps(c, x.shape, 3, 3, 1, 1, pool=2)))
 
 
+@pytest.mark.parametrize("offset", [0.0, 300.0], ids=["centred", "far-from-zero"])
+def test_pooled_first_batchnorm_variance_stays_accurate_in_float32(offset):
+    """PoolFirst takes the variance as E[x²] - mean² (no centred copy) only while mean² <= var; a
+    channel far from zero (mean²/var = 9e4) would lose every digit that way, so it uses the centred
+    rows. Both agree with float64 to float32 accuracy."""
+    rng = np.random.default_rng(11)
+    x64 = offset + rng.standard_normal((8, 3, 6, 6))
+    bn = nn.BatchNorm2d(3)
+    rows = bn._rows(x64.astype(np.float32))
+    mean, var, m = bn.batch_mean_var(rows)
+    assert m == 8 * 36 and mean.dtype == var.dtype == np.float32
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=2e-5)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), rtol=1e-6)
+    _, _, two_pass, _ = bn.batch_moments(rows)
+    np.testing.assert_allclose(var, two_pass, rtol=2e-5)
+
+
 def test_relu_maxpool_pooled_first_with_ties_matches_torch():
     rng = np.random.default_rng(7)
     seq = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
