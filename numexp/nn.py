@@ -101,6 +101,12 @@ class Module:
     def children(self):
         return self._children.items()
 
+    def release_caches(self):
+        """Drop what the last forward kept for backward, in this module and every descendant."""
+        for _, module in self.named_modules():
+            module._cache = None
+            module.__dict__.pop("_ran", None)
+
     def named_modules(self, prefix=""):
         """Yield (dotted name, module) for this module and every descendant."""
         yield prefix, self
@@ -868,6 +874,7 @@ class Sequential(Module):
         return len(self._children)
 
     def forward(self, x):
+        self.release_caches()
         self._ran = []  # what ran, in order: layers and fused groups; backward walks it back
         layers = list(self._children.values())
         i = 0
