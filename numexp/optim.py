@@ -48,14 +48,16 @@ class Optimizer:
             p, g = module.params[key], module.grads.get(key)
             if g is None:
                 continue
-            decay = self.weight_decay + (self.reg if regularised else 0.0)
-            if decay:
-                g = g + decay * p
-            self.update(name, p, g)
+            self.update(name, p, g, self.weight_decay + (self.reg if regularised else 0.0))
 
-    def update(self, name, p, g):
-        """Change ``p`` in place given its (penalised) gradient ``g``."""
+    def update(self, name, p, g, decay=0.0):
+        """Change ``p`` in place given its gradient ``g``, penalised by ``decay * p``."""
         raise NotImplementedError
+
+    def chunks(self, *arrays):
+        """:func:`chunks` of ``arrays`` (a parameter, its gradient, its state) with this optimizer's
+        two reused scratch arrays."""
+        return chunks(arrays, self._scratch)
 
     def fuse_into_backward(self, within=None):
         """Let large Linear layers (of ``within``, a part of the model; default all of it) apply this
@@ -80,16 +82,27 @@ class SGD(Optimizer):
             raise ValueError("Nesterov momentum needs momentum > 0 and dampening 0")
         self.momentum, self.dampening, self.nesterov = momentum, dampening, nesterov
 
-    def update(self, name, p, g):
+    def update(self, name, p, g, decay=0.0):
+        buf, first = None, False
         if self.momentum:
             buf = self.state.get(name)
-            if buf is None:
-                buf = self.state[name] = g.copy()
+            first = buf is None
+            if first:
+                buf = self.state[name] = np.empty_like(p)
+        for pc, gc, bc, s0, s1 in self.chunks(p, g, buf):
+            gc = penalised(gc, pc, decay, out=s0)
+            if bc is None:
+                step = gc
+            elif first:
+                bc[...] = gc
+                step = bc
             else:
-                buf *= self.momentum
-                buf += (1 - self.dampening) * g
-            g = g + self.momentum * buf if self.nesterov else buf
-        _axpy(p, -self.lr, g, self._scratch)
+                bc *= self.momentum
+                bc += np.multiply(gc, 1 - self.dampening, out=s1)
+                step = bc
+            if self.nesterov:
+                step = np.add(gc, np.multiply(bc, self.momentum, out=s1), out=s1)
+            pc += np.multiply(step, -self.lr, out=s1)
 
     def fuse_into_backward(self, within=None):
         """Plain SGD only: large Linear layers (FC1 of SimpleNet: 12.6M weights) then update their
@@ -137,13 +150,16 @@ class Adagrad(Optimizer):
         super().__init__(model, lr, weight_decay, reg)
         self.lr_decay, self.eps, self.initial = lr_decay, eps, initial_accumulator_value
 
-    def update(self, name, p, g):
+    def update(self, name, p, g, decay=0.0):
         acc = self.state.get(name)
         if acc is None:
             acc = self.state[name] = np.full_like(p, self.initial)
-        acc += g * g
         clr = self.lr / (1 + (self.steps - 1) * self.lr_decay)
-        p -= clr * g / (np.sqrt(acc) + self.eps)
+        for pc, gc, ac, s0, s1 in self.chunks(p, g, acc):
+            gc = penalised(gc, pc, decay, out=s0)
+            ac += np.multiply(gc, gc, out=s1)
+            denom = np.add(np.sqrt(ac, out=s1), self.eps, out=s1)
+            pc -= np.divide(np.multiply(gc, clr, out=s0), denom, out=s0)
 
 
 class RMSprop(Optimizer):
@@ -159,22 +175,22 @@ class RMSprop(Optimizer):
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha, self.eps, self.momentum = alpha, eps, momentum
 
-    def update(self, name, p, g):
+    def update(self, name, p, g, decay=0.0):
         st = self.state.setdefault(name, {})
-        v = st.get("square_avg")
-        if v is None:
-            v = st["square_avg"] = np.zeros_like(p)
-        v *= self.alpha
-        v += (1 - self.alpha) * g * g
-        step = g / (np.sqrt(v) + self.eps)
-        if self.momentum:
-            buf = st.get("momentum_buffer")
-            if buf is None:
-                buf = st["momentum_buffer"] = np.zeros_like(p)
-            buf *= self.momentum
-            buf += step
-            step = buf
-        p -= self.lr * step
+        if "square_avg" not in st:
+            st["square_avg"] = np.zeros_like(p)
+        if self.momentum and "momentum_buffer" not in st:
+            st["momentum_buffer"] = np.zeros_like(p)
+        for pc, gc, vc, bc, s0, s1 in self.chunks(p, g, st["square_avg"], st.get("momentum_buffer")):
+            gc = penalised(gc, pc, decay, out=s0)
+            vc *= self.alpha
+            vc += np.multiply(np.multiply(gc, 1 - self.alpha, out=s1), gc, out=s1)
+            step = np.divide(gc, np.add(np.sqrt(vc, out=s1), self.eps, out=s1), out=s0)
+            if bc is not None:
+                bc *= self.momentum
+                bc += step
+                step = bc
+            pc -= np.multiply(step, self.lr, out=s0)
 
 
 class Adam(Optimizer):
@@ -192,49 +208,55 @@ class Adam(Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {tuple(betas)}")
         self.betas, self.eps = (float(b1), float(b2)), eps
 
-    def update(self, name, p, g):
+    def update(self, name, p, g, decay=0.0):
         st = self.state.setdefault(name, {})
         if not st:
             st["exp_avg"], st["exp_avg_sq"] = np.zeros_like(p), np.zeros_like(p)
-        m, v = st["exp_avg"], st["exp_avg_sq"]
         b1, b2 = self.betas
-        m *= b1
-        m += (1 - b1) * g
-        v *= b2
-        v += (1 - b2) * g * g
         t = self.steps
         # math.sqrt keeps a Python float: a np.float64 scalar would upcast float32 arrays
-        denom = np.sqrt(v) / math.sqrt(1 - b2 ** t) + self.eps
-        p -= (self.lr / (1 - b1 ** t)) * m / denom
+        correction2, step_size = math.sqrt(1 - b2 ** t), self.lr / (1 - b1 ** t)
+        for pc, gc, m, v, s0, s1 in self.chunks(p, g, st["exp_avg"], st["exp_avg_sq"]):
+            gc = penalised(gc, pc, decay, out=s0)
+            m *= b1
+            m += np.multiply(gc, 1 - b1, out=s1)
+            v *= b2
+            v += np.multiply(np.multiply(gc, 1 - b2, out=s1), gc, out=s1)
+            denom = np.add(np.divide(np.sqrt(v, out=s1), correction2, out=s1), self.eps, out=s1)
+            pc -= np.divide(np.multiply(m, step_size, out=s0), denom, out=s0)
 
 
-CHUNK = 1 << 18  # elements: 1 MB of float32, small enough to stay in cache between the two passes
+CHUNK = 1 << 18  # elements: 1 MB of float32, small enough to stay in cache between the passes
 FUSED_BLOCK = 1 << 20  # elements of W per block of the NumPy fused update: 256 rows of FC1 were fastest
 
 
-def _axpy(p, alpha, g, scratch):
-    """``p += alpha * g`` in place, chunk by chunk through a cache-sized scratch array.
+def penalised(g, p, decay, out):
+    """``g + decay * p`` into ``out``, or ``g`` itself without a penalty."""
+    if not decay:
+        return g
+    return np.add(g, np.multiply(p, decay, out=out), out=out)
 
-    Done whole, FC1's 12.6M weights would make ``alpha * g`` a 50 MB temporary that is written
-    and read back from memory; per chunk it never leaves the cache.
+
+def chunks(arrays, scratch):
+    """Yield the same CHUNK-sized slice of each of ``arrays`` (None stays None) and two scratch
+    arrays of that size, so an update of many in-place steps works in cache, with no temporaries.
+
+    Done whole, each step of Adam's update over FC1's 12.6M weights wrote a 50 MB temporary, past
+    glibc's heap threshold, so page-faulted in every step: 70 ms an update. Arrays that are not all
+    C-contiguous come whole, with fresh scratch arrays.
     """
-    if p.size <= CHUNK or not (p.flags.c_contiguous and g.flags.c_contiguous):
-        p += alpha * g
+    p = arrays[0]
+    present = [a for a in arrays if a is not None]
+    if not all(a.flags.c_contiguous for a in present):
+        yield (*arrays, np.empty_like(p), np.empty_like(p))
         return
-    buf = _scratch(scratch, p.dtype)
-    flat_p, flat_g = p.reshape(-1), g.reshape(-1)
-    for start in range(0, flat_p.size, CHUNK):
-        stop = min(start + CHUNK, flat_p.size)
-        part = buf[:stop - start]
-        np.multiply(flat_g[start:stop], alpha, out=part)
-        flat_p[start:stop] += part
-
-
-def _scratch(scratch, dtype):
-    """The optimizer's CHUNK-sized temporary of ``dtype``, made on first use."""
-    if dtype not in scratch:
-        scratch[dtype] = np.empty(CHUNK, dtype=dtype)
-    return scratch[dtype]
+    if p.dtype not in scratch:
+        scratch[p.dtype] = np.empty((2, CHUNK), dtype=p.dtype)
+    s0, s1 = scratch[p.dtype]
+    flat = [None if a is None else a.reshape(-1) for a in arrays]
+    for start in range(0, p.size, CHUNK):
+        stop = min(start + CHUNK, p.size)
+        yield (*(None if a is None else a[start:stop] for a in flat), s0[:stop - start], s1[:stop - start])
 
 
 OPTIMIZERS = {

@@ -40,3 +40,66 @@ def test_impossible_arguments_raise_value_error_naming_the_value(make):
 def test_unknown_optimizer_name_lists_the_choices():
     with pytest.raises(ValueError, match="adam"):
         optim.build("lbfgs", nn.Linear(2, 2), lr=0.1)
+
+
+def _two_layers(rng):
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(60, 50, rng=rng))  # 3,000 weights: chunked below
+    model.add_module("fc2", nn.Linear(50, 7, rng=rng))
+    return model
+
+
+@pytest.mark.parametrize("penalty", [{}, {"weight_decay": 1e-2}, {"reg": 1e-1}], ids=["none", "decay", "reg"])
+@pytest.mark.parametrize("name, options", [
+    ("sgd", {}), ("momentum", {}), ("nesterov", {}), ("adagrad", {"lr_decay": 0.1}), ("rmsprop", {}),
+    ("rmsprop", {"momentum": 0.9}), ("adam", {}),
+])
+def test_a_chunked_update_equals_the_whole_array_update_bit_for_bit(monkeypatch, name, options, penalty):
+    """The torch-parity suite checks each rule on small parameters, updated whole; large ones go chunk
+    by chunk through scratch arrays, which must not change a single bit."""
+    rng = np.random.default_rng(0)
+    models = {chunk: _two_layers(np.random.default_rng(1)) for chunk in (1000, 1 << 30)}
+    opts = {}
+    for chunk, model in models.items():
+        monkeypatch.setattr(optim, "CHUNK", chunk)
+        opts[chunk] = optim.build(name, model, lr=1e-2, **options, **penalty)
+    for _ in range(3):
+        x = rng.standard_normal((4, 60), dtype=np.float32)
+        for chunk, model in models.items():
+            monkeypatch.setattr(optim, "CHUNK", chunk)
+            out = model(x)
+            model.backward(np.cos(out))
+            opts[chunk].step()
+    small, whole = (dict(m.named_params()) for m in models.values())
+    assert small.keys() == whole.keys()
+    for key in small:
+        assert small[key].dtype == np.float32
+        np.testing.assert_array_equal(small[key], whole[key], err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["momentum", "adagrad", "rmsprop", "adam"])
+def test_a_stateful_update_of_a_large_parameter_makes_no_parameter_sized_temporary(name):
+    """Regression guard, in bytes: Adam's update of SimpleNet's 12.6M FC1 weights took 70 ms when each
+    of its steps wrote a 50 MB temporary, 24 ms chunk by chunk."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    layer = nn.Linear(2048, 1024, rng=rng)  # 8 MB of weights
+    layer.grads = {k: rng.standard_normal(p.shape, dtype=np.float32) for k, p in layer.params.items()}
+    opt = optim.build(name, layer, lr=1e-3, weight_decay=1e-4)
+    opt.step()  # creates the state and the scratch arrays
+    tracemalloc.start()
+    try:
+        opt.step()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"peak {peak / 2**20:.1f} MB"
+
+
+def test_chunks_of_arrays_that_are_not_all_contiguous_come_whole():
+    p = np.asfortranarray(np.ones((30, 40), dtype=np.float32))
+    parts = list(optim.chunks((p, np.ones_like(p), None), {}))
+    assert len(parts) == 1
+    got_p, _, state, s0, s1 = parts[0]
+    assert got_p is p and state is None and s0.shape == s1.shape == p.shape
