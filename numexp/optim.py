@@ -98,7 +98,7 @@ class SGD(Optimizer):
                 step = bc
             else:
                 bc *= self.momentum
-                bc += np.multiply(gc, 1 - self.dampening, out=s1)
+                bc += np.multiply(gc, 1 - self.dampening, out=s1) if self.dampening else gc
                 step = bc
             if self.nesterov:
                 step = np.add(gc, np.multiply(bc, self.momentum, out=s1), out=s1)

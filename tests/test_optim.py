@@ -51,7 +51,8 @@ def _two_layers(rng):
 
 @pytest.mark.parametrize("penalty", [{}, {"weight_decay": 1e-2}, {"reg": 1e-1}], ids=["none", "decay", "reg"])
 @pytest.mark.parametrize("name, options", [
-    ("sgd", {}), ("momentum", {}), ("nesterov", {}), ("adagrad", {"lr_decay": 0.1}), ("rmsprop", {}),
+    ("sgd", {}), ("momentum", {}), ("momentum", {"dampening": 0.5}), ("nesterov", {}), ("adagrad", {"lr_decay": 0.1}),
+    ("rmsprop", {}),
     ("rmsprop", {"momentum": 0.9}), ("adam", {}),
 ])
 def test_a_chunked_update_equals_the_whole_array_update_bit_for_bit(monkeypatch, name, options, penalty):
