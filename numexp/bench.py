@@ -35,7 +35,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from numexp import bench_sweep, kernels_choice, losses, models, nn, optim, parallel
+from numexp import bench_optim, bench_sweep, kernels_choice, losses, models, nn, optim, parallel
 
 BENCH_MODELS = {
     "simplenet": dict(in_shape=(3, 32, 32), num_classes=43, options={}),
@@ -494,10 +494,10 @@ def memory_probe(framework, name, threads, steps):
 
 
 def output_paths(out):
-    """The files written beside the ``--out`` CSV: per-layer CSV, the two charts and the sweep CSV."""
+    """The files written beside the ``--out`` CSV: per-layer CSV, the two charts, the sweep and optimizer CSVs."""
     stem = os.path.splitext(out)[0]
     return dict(csv=out, layers_csv=f"{stem}_layers.csv", png=f"{stem}.png", layers_png=f"{stem}_layers.png",
-                sweep_csv=f"{stem}_sweep.csv")
+                sweep_csv=f"{stem}_sweep.csv", optim_csv=f"{stem}_optim.csv")
 
 
 def machine_description(use_torch):
@@ -575,6 +575,9 @@ def main(argv=None):
                              "each); writes bench_sweep.csv beside --out")
     parser.add_argument("--sweep-args", nargs="+",
                         help="the multirun's overrides (default: SimpleConvNet, 4 seeds, MNIST if on disk)")
+    parser.add_argument("--optimizers", action="store_true",
+                        help="only time one update of each optimizer over SimpleNet's parameters against torch.optim, "
+                             "at the first of --threads; writes bench_optim.csv beside --out")
     parser.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -597,8 +600,14 @@ def main(argv=None):
         print("PyTorch is not installed: reporting numexp alone (pip install -e '.[test]' for the comparison)")
     machine = machine_description(use_torch)
     print(f"machine: {machine}")
-    rows, layer_rows = [], []
     plan = Rounds(args.rounds, args.steps, args.pause, args.warmup, args.round_seconds)
+    if args.optimizers:
+        rows = bench_optim.bench_optimizers(BENCH_MODELS[bench_optim.MODEL], plan, time_rounds, paired_ratio,
+                                            use_torch, threads=args.threads[0])
+        bench_optim.print_optimizers(rows)
+        print("wrote " + write_csv(rows, output_paths(args.out)["optim_csv"], bench_optim.OPTIM_COLUMNS))
+        return 0
+    rows, layer_rows = [], []
     for threads in args.threads:
         gemm = gemm_gflops(threads)
         print(f"float32 GEMM 64x4096x3072 at {threads} thread(s): {gemm:.1f} GFLOP/s")

@@ -207,3 +207,37 @@ def test_a_round_of_short_steps_lasts_round_seconds_and_reports_time_per_step():
     # seconds per step, not per round (loose bounds: a busy host only makes steps longer)
     assert all(0.001 <= t < 0.01 for t in times["fast"]), times
     assert all(0.02 <= t < 0.06 for t in times["slow"]), times
+
+
+def test_optimizers_times_every_registered_optimizer_against_torch(run_bench, capsys):
+    from numexp import bench_optim, optim
+    folder = run_bench("--optimizers")
+    columns, rows = read_csv(folder / "bench_optim.csv")
+    assert columns == bench_optim.OPTIM_COLUMNS
+    assert [r["optimizer"] for r in rows] == list(optim.OPTIMIZERS)
+    with_torch = _torch_or_none() is not None
+    for r in rows:
+        assert int(r["params"]) > 12_000_000 and float(r["numexp_ms"]) > 0
+        assert (float(r["torch_ms"]) > 0) if with_torch else math.isnan(float(r["torch_ms"]))
+    assert "one update of SimpleNet's" in capsys.readouterr().out
+    assert not (folder / "bench.csv").exists()
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"])
+def test_the_optimizer_bench_pits_each_rule_against_the_same_rule_in_torch(name):
+    torch = pytest.importorskip("torch")
+    from numexp import bench_optim, models, optim
+    from numexp.bench_optim import TORCH_OPTIMIZERS
+    rng = np.random.default_rng(0)
+    model = models.build("simple_convnet", (1, 12, 12), 3, rng=rng, filters=4, hidden=8)
+    for _, module in model.named_modules():
+        module.grads = {k: rng.standard_normal(p.shape, dtype=np.float32) for k, p in module.params.items()}
+    module = bench_optim.torch_copy(model)
+    cls, options = TORCH_OPTIMIZERS[name]
+    ours, theirs = optim.build(name, model, lr=0.01), getattr(torch.optim, cls)(module.parameters(), lr=0.01, **options)
+    for _ in range(3):
+        ours.step()
+        theirs.step()
+    mine = dict(model.named_params())
+    for key, p in module.named_parameters():
+        np.testing.assert_allclose(mine[key], p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
