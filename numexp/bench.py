@@ -576,8 +576,8 @@ def main(argv=None):
     parser.add_argument("--sweep-args", nargs="+",
                         help="the multirun's overrides (default: SimpleConvNet, 4 seeds, MNIST if on disk)")
     parser.add_argument("--optimizers", action="store_true",
-                        help="only time one update of each optimizer over SimpleNet's parameters against torch.optim, "
-                             "at the first of --threads; writes bench_optim.csv beside --out")
+                        help="only time one update of each optimizer over SimpleNet's parameters against torch.optim "
+                             "at each of --threads; writes bench_optim.csv beside --out")
     parser.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -602,8 +602,9 @@ def main(argv=None):
     print(f"machine: {machine}")
     plan = Rounds(args.rounds, args.steps, args.pause, args.warmup, args.round_seconds)
     if args.optimizers:
-        rows = bench_optim.bench_optimizers(BENCH_MODELS[bench_optim.MODEL], plan, time_rounds, paired_ratio,
-                                            use_torch, threads=args.threads[0])
+        rows = [row for threads in args.threads
+                for row in bench_optim.bench_optimizers(BENCH_MODELS[bench_optim.MODEL], plan, time_rounds,
+                                                        paired_ratio, use_torch, threads=threads)]
         bench_optim.print_optimizers(rows)
         print("wrote " + write_csv(rows, output_paths(args.out)["optim_csv"], bench_optim.OPTIM_COLUMNS))
         return 0

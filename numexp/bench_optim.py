@@ -61,7 +61,9 @@ def bench_optimizers(spec, plan, time_rounds, paired_ratio, use_torch, threads=1
             torch.set_num_threads(threads)
             stack.callback(torch.set_num_threads, previous)
         for name in optim.OPTIMIZERS:
-            runners = [("numexp", optim.build(name, model, lr=LR).step)]
+            ours = optim.build(name, model, lr=LR)
+            ours.threads = threads  # as numexp.parallel.parallelize sets it for a run
+            runners = [("numexp", ours.step)]
             if use_torch:
                 cls, options = TORCH_OPTIMIZERS[name]
                 runners.append(("torch", getattr(torch.optim, cls)(module.parameters(), lr=LR, **options).step))

@@ -11,6 +11,7 @@ Two kinds of L2 penalty:
   ``0.5 * reg * sum(W**2)``.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -28,8 +29,11 @@ class Optimizer:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.weight_decay, self.reg = weight_decay, reg
         self.state = {}
-        self._scratch = {}  # cache-sized temporaries reused across steps (by dtype), not optimizer state
+        self._scratch = [{}]  # per thread: cache-sized temporaries reused across steps (by dtype), not state
         self.steps = 0
+        # threads that share the update of a large parameter (numexp.parallel.parallelize sets it to
+        # the run's cores: the replicas and BLAS threads are idle while the optimizer steps)
+        self.threads = 1
 
     @property
     def lr(self):
@@ -54,10 +58,35 @@ class Optimizer:
         """Change ``p`` in place given its gradient ``g``, penalised by ``decay * p``."""
         raise NotImplementedError
 
-    def chunks(self, *arrays):
-        """:func:`chunks` of ``arrays`` (a parameter, its gradient, its state) with this optimizer's
-        two reused scratch arrays."""
-        return chunks(arrays, self._scratch)
+    def each_chunk(self, body, *arrays):
+        """``body(*chunks of arrays, s0, s1)`` for every chunk of ``arrays`` (a parameter, its
+        gradient, its state; see :func:`chunks`), with two scratch arrays of the chunk's size.
+
+        A parameter of two chunks or more per thread is cut into :attr:`threads` runs of chunks,
+        each run on its own thread with its own scratch arrays: NumPy lets go of the GIL inside each
+        call, and every element is computed as it would be on one thread. Adam's update of
+        SimpleNet's 12.7M parameters: 23.3 ms on one thread, 14.1 ms on two.
+        """
+        p = arrays[0]
+        runs = min(self.threads, p.size // (2 * CHUNK)) if _contiguous(arrays) else 1
+        if runs <= 1:
+            for pieces in chunks(arrays, self._scratch[0]):
+                body(*pieces)
+            return
+        while len(self._scratch) < runs:
+            self._scratch.append({})
+        bounds = [i * (p.size // CHUNK) // runs * CHUNK for i in range(runs)] + [p.size]
+        flat = [None if a is None else a.reshape(-1) for a in arrays]
+
+        def run(i):
+            part = [None if a is None else a[bounds[i]:bounds[i + 1]] for a in flat]
+            for pieces in chunks(part, self._scratch[i]):
+                body(*pieces)
+
+        others = [_pool(runs - 1).submit(run, i) for i in range(1, runs)]
+        run(0)
+        for job in others:
+            job.result()
 
     def fuse_into_backward(self, within=None):
         """Let large Linear layers (of ``within``, a part of the model; default all of it) apply this
@@ -89,7 +118,7 @@ class SGD(Optimizer):
             first = buf is None
             if first:
                 buf = self.state[name] = np.empty_like(p)
-        for pc, gc, bc, s0, s1 in self.chunks(p, g, buf):
+        def body(pc, gc, bc, s0, s1):
             gc = penalised(gc, pc, decay, out=s0)
             if bc is None:
                 step = gc
@@ -103,6 +132,8 @@ class SGD(Optimizer):
             if self.nesterov:
                 step = np.add(gc, np.multiply(bc, self.momentum, out=s1), out=s1)
             pc += np.multiply(step, -self.lr, out=s1)
+
+        self.each_chunk(body, p, g, buf)
 
     def fuse_into_backward(self, within=None):
         """Plain SGD only: large Linear layers (FC1 of SimpleNet: 12.6M weights) then update their
@@ -155,11 +186,14 @@ class Adagrad(Optimizer):
         if acc is None:
             acc = self.state[name] = np.full_like(p, self.initial)
         clr = self.lr / (1 + (self.steps - 1) * self.lr_decay)
-        for pc, gc, ac, s0, s1 in self.chunks(p, g, acc):
+
+        def body(pc, gc, ac, s0, s1):
             gc = penalised(gc, pc, decay, out=s0)
             ac += np.multiply(gc, gc, out=s1)
             denom = np.add(np.sqrt(ac, out=s1), self.eps, out=s1)
             pc -= np.divide(np.multiply(gc, clr, out=s0), denom, out=s0)
+
+        self.each_chunk(body, p, g, acc)
 
 
 class RMSprop(Optimizer):
@@ -181,7 +215,8 @@ class RMSprop(Optimizer):
             st["square_avg"] = np.zeros_like(p)
         if self.momentum and "momentum_buffer" not in st:
             st["momentum_buffer"] = np.zeros_like(p)
-        for pc, gc, vc, bc, s0, s1 in self.chunks(p, g, st["square_avg"], st.get("momentum_buffer")):
+
+        def body(pc, gc, vc, bc, s0, s1):
             gc = penalised(gc, pc, decay, out=s0)
             vc *= self.alpha
             vc += np.multiply(np.multiply(gc, 1 - self.alpha, out=s1), gc, out=s1)
@@ -191,6 +226,8 @@ class RMSprop(Optimizer):
                 bc += step
                 step = bc
             pc -= np.multiply(step, self.lr, out=s0)
+
+        self.each_chunk(body, p, g, st["square_avg"], st.get("momentum_buffer"))
 
 
 class Adam(Optimizer):
@@ -216,7 +253,8 @@ class Adam(Optimizer):
         t = self.steps
         # math.sqrt keeps a Python float: a np.float64 scalar would upcast float32 arrays
         correction2, step_size = math.sqrt(1 - b2 ** t), self.lr / (1 - b1 ** t)
-        for pc, gc, m, v, s0, s1 in self.chunks(p, g, st["exp_avg"], st["exp_avg_sq"]):
+
+        def body(pc, gc, m, v, s0, s1):
             gc = penalised(gc, pc, decay, out=s0)
             m *= b1
             m += np.multiply(gc, 1 - b1, out=s1)
@@ -224,6 +262,8 @@ class Adam(Optimizer):
             v += np.multiply(np.multiply(gc, 1 - b2, out=s1), gc, out=s1)
             denom = np.add(np.divide(np.sqrt(v, out=s1), correction2, out=s1), self.eps, out=s1)
             pc -= np.divide(np.multiply(m, step_size, out=s0), denom, out=s0)
+
+        self.each_chunk(body, p, g, st["exp_avg"], st["exp_avg_sq"])
 
 
 CHUNK = 1 << 18  # elements: 1 MB of float32, small enough to stay in cache between the passes
@@ -246,8 +286,7 @@ def chunks(arrays, scratch):
     C-contiguous come whole, with fresh scratch arrays.
     """
     p = arrays[0]
-    present = [a for a in arrays if a is not None]
-    if not all(a.flags.c_contiguous for a in present):
+    if not _contiguous(arrays):
         yield (*arrays, np.empty_like(p), np.empty_like(p))
         return
     if p.dtype not in scratch:
@@ -257,6 +296,20 @@ def chunks(arrays, scratch):
     for start in range(0, p.size, CHUNK):
         stop = min(start + CHUNK, p.size)
         yield (*(None if a is None else a[start:stop] for a in flat), s0[:stop - start], s1[:stop - start])
+
+
+def _contiguous(arrays):
+    return all(a.flags.c_contiguous for a in arrays if a is not None)
+
+
+_pools = {}
+
+
+def _pool(workers):
+    """A thread pool of ``workers`` threads, made once per size for the process."""
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="numexp-optim")
+    return _pools[workers]
 
 
 OPTIMIZERS = {

@@ -61,10 +61,12 @@ def parallelize(model, threads, opt):
     core, BLAS on one thread each) or, for a large head (:func:`head_split`), a :class:`TrunkParallel`
     (both, one after the other; else the model itself: never replicas of a large head). Layers
     that run in this process only are told to take ``opt``'s update inside their backward (see
-    :meth:`numexp.optim.SGD.fuse_into_backward`). ``layout`` is what a run records:
+    :meth:`numexp.optim.SGD.fuse_into_backward`), and ``opt`` to share the update of a large
+    parameter over ``threads`` threads (:meth:`numexp.optim.Optimizer.each_chunk`). ``layout`` is what a run records:
     ``{"replicas", "blas_threads"}`` and, for a split network, ``"head"`` (its first layer's name).
     """
     threads = int(threads)
+    opt.threads = threads  # every layout leaves the cores idle while the optimizer steps
     if threads > 1 and available():
         split = head_split(model)
         if split is not None and blas_idle.workers_sleep():

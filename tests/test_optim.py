@@ -57,25 +57,28 @@ def _two_layers(rng):
 ])
 def test_a_chunked_update_equals_the_whole_array_update_bit_for_bit(monkeypatch, name, options, penalty):
     """The torch-parity suite checks each rule on small parameters, updated whole; large ones go chunk
-    by chunk through scratch arrays, which must not change a single bit."""
+    by chunk through scratch arrays, on one thread or several, which must not change a single bit."""
     rng = np.random.default_rng(0)
-    models = {chunk: _two_layers(np.random.default_rng(1)) for chunk in (1000, 1 << 30)}
+    ways = [(1 << 30, 1), (1000, 1), (400, 3)]  # (chunk size, threads); the first updates whole
+    models = {way: _two_layers(np.random.default_rng(1)) for way in ways}
     opts = {}
-    for chunk, model in models.items():
-        monkeypatch.setattr(optim, "CHUNK", chunk)
-        opts[chunk] = optim.build(name, model, lr=1e-2, **options, **penalty)
+    for (chunk, threads), model in models.items():
+        opts[chunk, threads] = optim.build(name, model, lr=1e-2, **options, **penalty)
+        opts[chunk, threads].threads = threads
     for _ in range(3):
         x = rng.standard_normal((4, 60), dtype=np.float32)
-        for chunk, model in models.items():
+        for (chunk, threads), model in models.items():
             monkeypatch.setattr(optim, "CHUNK", chunk)
             out = model(x)
             model.backward(np.cos(out))
-            opts[chunk].step()
-    small, whole = (dict(m.named_params()) for m in models.values())
-    assert small.keys() == whole.keys()
-    for key in small:
-        assert small[key].dtype == np.float32
-        np.testing.assert_array_equal(small[key], whole[key], err_msg=key)
+            opts[chunk, threads].step()
+    whole, *others = (dict(m.named_params()) for m in models.values())
+    for other in others:
+        assert other.keys() == whole.keys()
+        for key in whole:
+            assert other[key].dtype == np.float32
+            np.testing.assert_array_equal(other[key], whole[key], err_msg=key)
+    assert len(opts[400, 3]._scratch) == 3  # fc1's 3,000 weights: 7 chunks of 400, cut into 3 runs
 
 
 @pytest.mark.parametrize("name", ["momentum", "adagrad", "rmsprop", "adam"])
