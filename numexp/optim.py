@@ -118,6 +118,7 @@ class SGD(Optimizer):
             first = buf is None
             if first:
                 buf = self.state[name] = np.empty_like(p)
+
         def body(pc, gc, bc, s0, s1):
             gc = penalised(gc, pc, decay, out=s0)
             if bc is None:

@@ -62,8 +62,9 @@ def parallelize(model, threads, opt):
     (both, one after the other; else the model itself: never replicas of a large head). Layers
     that run in this process only are told to take ``opt``'s update inside their backward (see
     :meth:`numexp.optim.SGD.fuse_into_backward`), and ``opt`` to share the update of a large
-    parameter over ``threads`` threads (:meth:`numexp.optim.Optimizer.each_chunk`). ``layout`` is what a run records:
-    ``{"replicas", "blas_threads"}`` and, for a split network, ``"head"`` (its first layer's name).
+    parameter over ``threads`` threads (:meth:`numexp.optim.Optimizer.each_chunk`). ``layout`` is
+    what a run records: ``{"replicas", "blas_threads"}`` and, for a split network, ``"head"`` (its
+    first layer's name).
     """
     threads = int(threads)
     opt.threads = threads  # every layout leaves the cores idle while the optimizer steps
