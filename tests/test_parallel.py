@@ -166,10 +166,12 @@ def test_a_large_head_runs_here_on_blas_threads_after_replicas_of_the_trunk(monk
 def test_how_the_cores_are_used(monkeypatch):
     opt = lambda model: optim.build("sgd", model, lr=0.1)  # noqa: E731
     small = lenet(np.float32)
-    net, layout = parallel.parallelize(small, 2, opt(small))
+    two, one = opt(small), opt(small)
+    net, layout = parallel.parallelize(small, 2, two)
     net.close()
     assert isinstance(net, parallel.DataParallel) and layout == {"replicas": 2, "blas_threads": 1}
-    assert parallel.parallelize(small, 1, opt(small)) == (small, {"replicas": 1, "blas_threads": 1})
+    assert parallel.parallelize(small, 1, one) == (small, {"replicas": 1, "blas_threads": 1})
+    assert (two.threads, one.threads) == (2, 1)  # the optimizer's update may use every core
     monkeypatch.setattr(parallel.blas_idle, "decision", {"timeout": "18"})
     simplenet = models.build("simplenet", (3, 32, 32), 43, rng=np.random.default_rng(0))
     assert parallel.head_split(simplenet) == "fc1"
