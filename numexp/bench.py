@@ -3,6 +3,7 @@
     python -m numexp.bench                       # simplenet + lenet5 + simple_convnet, 1 and 2 threads
     python -m numexp.bench --models simplenet --threads 2 --out results/bench.csv
     python -m numexp.bench --sweep               # a 4-run multirun, n_jobs=2 against n_jobs=1
+    python -m numexp.bench --optimizers          # one update of each optimizer, numexp against torch.optim
 
 For each model and thread count it times a training step (forward + loss + backward + SGD
 step, batch 64, float32) and an eval forward pass, in settled rounds that alternate which

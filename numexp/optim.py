@@ -9,6 +9,10 @@ Two kinds of L2 penalty:
 - ``reg`` is the seed projects' penalty: ``reg * W`` is added to the gradient of the weights of
   Linear and Conv2d layers only (not biases, not BatchNorm), i.e. the gradient of
   ``0.5 * reg * sum(W**2)``.
+
+Each rule is written once, as the body of one chunk of a parameter (:meth:`Optimizer.each_chunk`):
+a megabyte at a time through two reused scratch arrays, shared among threads for large parameters,
+so an update makes no parameter-sized temporary and gives the same bits however it is cut.
 """
 import math
 from concurrent.futures import ThreadPoolExecutor
