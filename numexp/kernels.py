@@ -163,6 +163,20 @@ def _wide_rows(rows, width):
     return rows.reshape(M // r, r * C)
 
 
+def wide_channel_rows(rows, width=512):
+    """``(wide, r)``: rows (M, C) of per-channel values viewed as :func:`_wide_rows`, and how many times
+    a per-channel vector repeats along a wide row (``np.tile(v, r)`` lines up with it). Rows that
+    are not C-contiguous come back as they are, with r = 1.
+
+    NumPy broadcasts a (C,) vector over (M, C) rows one row of C values at a time; with C = 16
+    (resnet_small) a subtraction over 50176 rows took 0.35 ms, 0.15 ms over the wide view.
+    """
+    if not rows.flags.c_contiguous:
+        return rows, 1
+    wide = _wide_rows(rows, width)
+    return wide, wide.shape[1] // rows.shape[1]
+
+
 def _output_pixels(out_h, out_w, sh, sw, stride, pool):
     """Axes of a convolution's output pixels over an input with row and column strides sh, sw:
     ((pool-window tap axes, their strides), (grid axes, their strides)). Without pooling the grid is

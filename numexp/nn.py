@@ -751,25 +751,28 @@ class _BatchNorm(Module):
 
     def forward(self, x):
         X = self._rows(x)
+        wide, r = kernels.wide_channel_rows(X)  # per-channel vectors tiled r times line up with it
         m = None
         if self.training:
             mean, xhat, var, m = self.batch_moments(X)
             self.update_running(mean, var, m)
+            xhat = xhat.reshape(wide.shape)
         else:
             var = self.buffers["running_var"]
-            xhat = X - self.buffers["running_mean"]
+            xhat = wide - np.tile(self.buffers["running_mean"], r)
         inv_std = 1 / np.sqrt(var + self.eps)
-        xhat *= inv_std
-        out = xhat * self.params["weight"]
-        out += self.params["bias"]
-        self._cache = (xhat, inv_std, m)
-        return self._unrows(out, x.shape)
+        xhat *= np.tile(inv_std, r)
+        out = xhat * np.tile(self.params["weight"], r)
+        out += np.tile(self.params["bias"], r)
+        self._cache = (xhat.reshape(X.shape), inv_std, m)
+        return self._unrows(out.reshape(X.shape), x.shape)
 
     def batch_moments(self, X):
         """(mean, X - mean, biased variance, m) over the m rows of the batch, per channel: X (M, C)
         are this process's rows, m = M unless :attr:`sync` adds other replicas' rows."""
         mean, m = self._batch_mean(X)
-        centred = X - mean
+        wide, r = kernels.wide_channel_rows(X)
+        centred = (wide - np.tile(mean, r)).reshape(X.shape)
         return mean, centred, self._mean_square(centred, m), m
 
     def batch_mean_var(self, X):
@@ -824,16 +827,17 @@ class _BatchNorm(Module):
         # this process's share: the shares of all replicas add up to the batch's gradient
         self.grads["weight"], self.grads["bias"] = dgamma, dbeta
         scale = self.params["weight"] * inv_std
+        wide, r = kernels.wide_channel_rows(D)
         if m is None:  # running statistics: no batch terms
-            return self._unrows(D * scale, dout.shape)
+            return self._unrows((wide * np.tile(scale, r)).reshape(D.shape), dout.shape)
         dgamma, dbeta = self.whole_batch(dgamma, dbeta)
         # d/dx of normalising with the batch's own mean and variance:
         # scale * (dout - mean(dout) - xhat * mean(dout * xhat))
-        dx = xhat * (dgamma * (1.0 / m))
-        np.subtract(D, dx, out=dx)
-        dx -= dbeta * (1.0 / m)
-        dx *= scale
-        return self._unrows(dx, dout.shape)
+        dx = xhat.reshape(wide.shape) * np.tile(dgamma * (1.0 / m), r)
+        np.subtract(wide, dx, out=dx)
+        dx -= np.tile(dbeta * (1.0 / m), r)
+        dx *= np.tile(scale, r)
+        return self._unrows(dx.reshape(D.shape), dout.shape)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
