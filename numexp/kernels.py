@@ -117,11 +117,10 @@ def _patches(x, kh, kw, stride, padding, pool):
 
 
 def add_channel_bias(rows, bias, width=512):
-    """``rows += bias`` for C-contiguous rows (M, F), in place, with the bias tiled across a wider view
-    (M / r, r*F) of the same memory, r*F about ``width``: NumPy's inner loop then runs over ~512
-    values instead of F (SimpleNet's conv1 output, F = 32: 0.5 -> 0.23 ms)."""
-    wide = _wide_rows(rows, width)
-    wide += np.tile(bias, wide.shape[1] // len(bias))
+    """``rows += bias`` for C-contiguous rows (M, F), in place, over :func:`wide_channel_rows`: NumPy's
+    inner loop then runs over ~512 values instead of F (SimpleNet's conv1 output, F = 32: 0.5 -> 0.23 ms)."""
+    wide, r = wide_channel_rows(rows, width)
+    wide += np.tile(bias, r)
     return rows
 
 
@@ -130,7 +129,7 @@ def channel_affine(x, scale, shift=None, out=None, width=512):
     default a new array in x's memory layout).
 
     Where x and out keep their channels in channels-last memory, over the wider rows of
-    :func:`add_channel_bias`: SimpleNet's first pool-first backward, four such maps over 0.5M values,
+    :func:`wide_channel_rows`: SimpleNet's first pool-first backward, four such maps over 0.5M values,
     2.8-3.1 -> 2.4-2.7 ms at one thread (a whole step: 94.0 -> 93.7 ms, medians of 15 alternating
     rounds). Any other layout broadcasts the vectors as usual.
     """
@@ -142,8 +141,7 @@ def channel_affine(x, scale, shift=None, out=None, width=512):
         if shift is not None:
             out += shift.reshape(column)
         return out
-    wide, out_wide = _wide_rows(rows, width), _wide_rows(out_rows, width)
-    r = wide.shape[1] // len(scale)
+    (wide, r), (out_wide, _) = wide_channel_rows(rows, width), wide_channel_rows(out_rows, width)
     np.multiply(wide, np.tile(scale, r), out=out_wide)
     if shift is not None:
         out_wide += np.tile(shift, r)
@@ -156,16 +154,9 @@ def _channel_rows(x):
     return last.reshape(-1, x.shape[1]) if last.flags.c_contiguous else None
 
 
-def _wide_rows(rows, width):
-    """C-contiguous rows (M, C) viewed as (M / r, r*C), r*C about ``width``."""
-    M, C = rows.shape
-    r = math.gcd(M, max(1, width // C))
-    return rows.reshape(M // r, r * C)
-
-
 def wide_channel_rows(rows, width=512):
-    """``(wide, r)``: rows (M, C) of per-channel values viewed as :func:`_wide_rows`, and how many times
-    a per-channel vector repeats along a wide row (``np.tile(v, r)`` lines up with it). Rows that
+    """``(wide, r)``: C-contiguous rows (M, C) of per-channel values viewed as (M / r, r*C), r*C about
+    ``width``, and r: ``np.tile(v, r)`` of a per-channel vector lines up with a wide row. Rows that
     are not C-contiguous come back as they are, with r = 1.
 
     NumPy broadcasts a (C,) vector over (M, C) rows one row of C values at a time; with C = 16
@@ -173,8 +164,9 @@ def wide_channel_rows(rows, width=512):
     """
     if not rows.flags.c_contiguous:
         return rows, 1
-    wide = _wide_rows(rows, width)
-    return wide, wide.shape[1] // rows.shape[1]
+    M, C = rows.shape
+    r = math.gcd(M, max(1, width // C))
+    return rows.reshape(M // r, r * C), r
 
 
 def _output_pixels(out_h, out_w, sh, sw, stride, pool):
