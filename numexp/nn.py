@@ -355,11 +355,12 @@ class Conv2d(Module):
         k, s, p, F, pool = self.kernel_size, self.stride, self.padding, self.out_channels, self.pool_blocks
         out_h, out_w = kernels.conv_output_size(H, k, s, p), kernels.conv_output_size(W, k, s, p)
         w_rows = w.transpose(0, 2, 3, 1).reshape(F, -1)  # (F, k*k*C), matching im2col's columns
-        # col: (N*out_h*out_w, k*k*C); out: (N*out_h*out_w, F), channels-last memory
-        col, out = kernels.im2col_matmul(x, w_rows, k, k, s, p, pool)
+        # col: (N*out_h*out_w, k*k*C); out: (N*out_h*out_w, F), channels-last memory. An eval pass keeps
+        # no col (built a chunk at a time in cache instead); a backward after it unfolds x again
+        col, out = kernels.im2col_matmul(x, w_rows, k, k, s, p, pool, keep_col=self.training)
         if b is not None:
             kernels.add_channel_bias(out, b)
-        self._cache = (x.shape, col, w_rows, pool)
+        self._cache = (x.shape, col, w_rows, x if col is None else None, pool)
         if pool > 1:  # rows (tap, n, ph, pw)
             return out.reshape(pool * pool, N, out_h // pool, out_w // pool, F).transpose(0, 1, 4, 2, 3)
         return kernels.channels_first(out.reshape(N, out_h, out_w, F))
@@ -377,8 +378,10 @@ class Conv2d(Module):
             return self._backward_taps(dout, w)
         if self.method == "batch_last":
             return self._backward_batch_last(dout)
-        x_shape, col, w_rows, pool = self._cache
+        x_shape, col, w_rows, x, pool = self._cache
         F, k = self.out_channels, self.kernel_size
+        if col is None:  # the forward pass ran in eval mode
+            col = kernels.im2col(x, k, k, self.stride, self.padding, pool)
         if pool > 1 and dout.ndim == 4:  # the group after this layer ran layer by layer after all
             dout = kernels.pool_blocks(dout, pool)
         # rows ordered like col's; free for our own outputs

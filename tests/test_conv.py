@@ -1,4 +1,6 @@
 """The fast im2col Conv2d against the naive loop reference."""
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -84,6 +86,42 @@ def test_im2col_matmul_in_sample_chunks_is_one_unfold_and_one_product(channels, 
     expected = kernels.im2col(x, 3, 3, 1, 1, pool)
     assert np.array_equal(col, expected)
     np.testing.assert_allclose(out, expected @ w_rows.T, rtol=1e-12)
+
+
+@pytest.mark.parametrize("channels, stride, pool, chunk_bytes",
+                         [(8, 1, 1, 60000), (8, 1, 2, 90000), (8, 2, 1, 30000), (8, 1, 2, 1), (2, 1, 1, 10)])
+def test_im2col_matmul_without_col_gives_the_same_products_bit_for_bit(channels, stride, pool, chunk_bytes):
+    """One reused chunk buffer (uneven last chunks, narrow rows chunked too): the same bits, no col."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, channels, 6, 8)).astype(np.float32)
+    w_rows = rng.standard_normal((3, 9 * channels)).astype(np.float32)
+    _, kept = kernels.im2col_matmul(x, w_rows, 3, 3, stride, 1, pool, chunk_bytes=chunk_bytes)
+    col, out = kernels.im2col_matmul(x, w_rows, 3, 3, stride, 1, pool, chunk_bytes=chunk_bytes, keep_col=False)
+    assert col is None
+    assert out.shape == kept.shape and np.array_equal(out, kept)
+
+
+def test_conv_in_eval_mode_keeps_no_unfold_and_backward_still_works():
+    """Eval output bit for bit the training one; no col in the cache, and no col-sized allocation (the
+    unfold of this input is 4.7 MB); a backward after an eval pass gives the training pass's gradients."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((32, 16, 16, 16)).astype(np.float32)
+    conv = nn.Conv2d(16, 32, 3, padding=1, rng=rng)
+    assert conv.method == "im2col"
+    dout = rng.standard_normal((32, 32, 16, 16)).astype(np.float32)
+    trained = conv.forward(x)
+    expected = [conv.backward(dout), dict(conv.grads)]
+    conv.eval()
+    tracemalloc.start()
+    out = conv.forward(x)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.array_equal(out, trained)
+    assert conv._cache[1] is None and peak < out.nbytes + 2 * 2**20, peak
+    dx = conv.backward(dout)
+    assert np.array_equal(dx, expected[0])
+    for name, grad in expected[1].items():
+        assert np.array_equal(conv.grads[name], grad), name
 
 
 def test_col2im_taps_is_the_adjoint_of_im2col_taps():
