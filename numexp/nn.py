@@ -287,6 +287,13 @@ class Linear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={'bias' in self.params}"
 
 
+# Conv2d (im2col) takes its input gradient by a flipped-kernel convolution (stride 1) when it has at
+# most this many output channels F, the inner size of kernels.col2im_product's per-tap GEMMs:
+# resnet_small's training step (F = 16, 32) 74.3-75.9 -> 70.8-72.3 ms at one thread; SimpleNet's
+# (conv2, F = 64) no faster (95.7-96.9 against 96.6-97.2 ms)
+NARROW_TAPS = 32
+
+
 class Conv2d(Module):
     """2-D convolution (cross-correlation, as in torch).
 
@@ -392,8 +399,10 @@ class Conv2d(Module):
             self.grads["bias"] = _column_sums(d2)
         if not self.needs_input_grad:
             return None
-        if pool > 1:  # the slice-adds want rows in image order
+        if pool > 1:  # both ways below want rows in image order
             d2 = kernels.channels_last(kernels.unpool_blocks(dout, pool, channels_last=True)).reshape(-1, F)
+        if self.stride == 1 and self.padding < k and F <= NARROW_TAPS:
+            return kernels.input_grad_by_convolution(d2, w, x_shape, self.padding)
         w_taps = np.ascontiguousarray(w_rows.reshape(F, k * k, -1).transpose(1, 0, 2))  # (k*k, F, C)
         return kernels.col2im_product(d2, w_taps, x_shape, k, k, self.stride, self.padding)
 

@@ -17,9 +17,14 @@ CASES = [  # (shape, out_channels, kernel, stride, padding)
 ]
 
 
-@pytest.mark.parametrize("method", ["im2col", "taps", "batch_last"])
+@pytest.mark.parametrize("method", ["im2col", "im2col-slice-adds", "taps", "batch_last"])
 @pytest.mark.parametrize("shape,f,k,stride,padding", CASES)
-def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, padding, method):
+def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, padding, method, monkeypatch):
+    """"im2col-slice-adds": the input gradient by kernels.col2im_product at stride 1 too, as for
+    layers with more than nn.NARROW_TAPS output channels."""
+    if method == "im2col-slice-adds":
+        method = "im2col"
+        monkeypatch.setattr(nn, "NARROW_TAPS", 0)
     rng = np.random.default_rng(0)
     fast = nn.Conv2d(shape[1], f, k, stride, padding, method=method, rng=np.random.default_rng(1))
     naive = nn.Conv2d(shape[1], f, k, stride, padding, method="naive", rng=np.random.default_rng(1))
@@ -74,6 +79,19 @@ def test_im2col_batch_last_is_im2col_transposed_with_the_batch_fastest():
         n_axis = 2 if pool > 1 else 0
         expected = np.moveaxis(rows.reshape(grid + (18,)), n_axis, -2)  # the batch fastest
         assert np.array_equal(col, expected.reshape(-1, 18).T)
+
+
+@pytest.mark.parametrize("k, padding", [(3, 1), (3, 0), (5, 2), (5, 4), (1, 0), (2, 1)])
+def test_input_grad_by_convolution_is_col2im_product(k, padding):
+    """Stride 1: the flipped-kernel convolution of d folds the patch gradients like the per-tap slice-adds."""
+    rng = np.random.default_rng(9)
+    x_shape, F = (3, 4, 7, 6), 5
+    out_h, out_w = (kernels.conv_output_size(n, k, 1, padding) for n in x_shape[2:])
+    d = rng.standard_normal((x_shape[0] * out_h * out_w, F))
+    weight = rng.standard_normal((F, x_shape[1], k, k))
+    w_taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1).reshape(k * k, F, -1))  # (k*k, F, C)
+    expected = kernels.col2im_product(d, w_taps, x_shape, k, k, 1, padding)
+    np.testing.assert_allclose(kernels.input_grad_by_convolution(d, weight, x_shape, padding), expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize("channels, pool, chunk_bytes", [(8, 1, 60000), (8, 2, 90000), (8, 2, 1), (2, 1, 10)])
