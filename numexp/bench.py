@@ -57,7 +57,7 @@ def have_torch():
 def step_flops(model, batch):
     """FLOPs (2 per multiply-add) of one training step: the GEMMs of forward, and twice that for backward.
 
-    Conv sizes are read off an im2col forward pass on one sample, so nested blocks count too.
+    Conv input shapes are read off an eval forward pass on one sample, so nested blocks count too.
     """
     model.eval()
     model(np.zeros((1,) + model.in_shape, dtype=np.float32))
@@ -66,7 +66,9 @@ def step_flops(model, batch):
         if isinstance(layer, nn.Linear):
             macs += layer.in_features * layer.out_features
         elif isinstance(layer, nn.Conv2d):
-            macs += layer._cache[1].size * layer.out_channels  # the unfolded patches of one sample
+            cache = layer._cache  # the input's shape first, or the input itself (method "naive")
+            in_shape = (cache.shape if isinstance(cache, np.ndarray) else cache[0])[1:]
+            macs += math.prod(layer.output_shape(in_shape)) * layer.in_channels * layer.kernel_size ** 2
     return 3 * 2 * macs * batch
 
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from numexp import bench, kernels_choice, nn
+from numexp import bench, kernels_choice, models, nn
 
 MODEL = "simple_convnet"  # the cheapest bench model: a tiny run takes well under a second
 TINY = ["--models", MODEL, "--threads", "1", "--rounds", "1", "--steps", "1", "--pause", "0", "--warmup", "0",
@@ -241,3 +241,17 @@ def test_the_optimizer_bench_pits_each_rule_against_the_same_rule_in_torch(name)
     mine = dict(model.named_params())
     for key, p in module.named_parameters():
         np.testing.assert_allclose(mine[key], p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("name, in_shape, classes, macs", [
+    # conv1 32*32*32*27 + conv2 16*16*64*288 + fc1 4096*3072 + fc2 3072*43
+    ("simplenet", (3, 32, 32), 43, 884_736 + 4_718_592 + 12_582_912 + 132_096),
+    # stem 784*16*9, three 3x3 convs with 16*9 or 32*9 inputs per output, stride-2 conv, 1x1 projection, fc
+    ("resnet_small", (1, 28, 28), 10, 112_896 + 3 * 1_806_336 + 903_168 + 100_352 + 320),
+    ("simple_convnet", (1, 28, 28), 10, 24 * 24 * 30 * 25 + 4320 * 100 + 100 * 10),
+])
+def test_step_flops_count_every_multiply_add_nested_layers_too(name, in_shape, classes, macs):
+    """3 GEMM passes (forward, input and weight gradients) of 2 FLOPs per multiply-add, whatever each
+    convolution's unfold method (im2col, whose eval pass keeps no unfold, batch-last) or nesting."""
+    model = models.build(name, in_shape, classes, rng=np.random.default_rng(0))
+    assert bench.step_flops(model, 64) == 3 * 2 * macs * 64
