@@ -626,18 +626,20 @@ class ReLU(Module):
 class Sigmoid(Module):
     """``1 / (1 + exp(-x))``, computed without overflow for large |x|.
 
-    As ``exp(min(x, 0)) / (1 + exp(-|x|))``: both exponents are non-positive, so nothing overflows, and
-    the values are those of ``1 / (1 + e)`` for x >= 0 and ``e / (1 + e)`` below, e = exp(-|x|), bit for
-    bit. Seven whole-array ufunc passes into two arrays in x's memory layout, where the branches of an
-    ``np.where`` made four temporaries: LeNet-5's first Sigmoid (64 x 6 x 28 x 28) 1.44 -> 0.48 ms.
+    As ``max(sign(x), e) / (1 + e)`` with e = exp(-|x|): the exponent is never positive, so nothing
+    overflows, and the numerator is 1 for x >= 0 and e = exp(x) below, so the values are those of
+    ``1 / (1 + e)`` and ``e / (1 + e)``, bit for bit. Seven whole-array ufunc passes, one of them an exp,
+    into two arrays in x's memory layout, where the branches of an ``np.where`` made four temporaries:
+    LeNet-5's first Sigmoid (64 x 6 x 28 x 28) 1.44 ms that way, 0.48 ms with a second exp for the
+    numerator, 0.38 ms now.
     """
 
     def forward(self, x):
-        denom, out = np.empty_like(x), np.empty_like(x)
-        np.exp(np.negative(np.abs(x, out=denom), out=denom), out=denom)
-        denom += 1
-        np.exp(np.minimum(x, 0, out=out), out=out)
-        out /= denom
+        e, out = np.empty_like(x), np.empty_like(x)
+        np.exp(np.negative(np.abs(x, out=e), out=e), out=e)
+        np.maximum(np.sign(x, out=out), e, out=out)
+        e += 1
+        out /= e
         self._cache = out
         return out
 

@@ -205,11 +205,12 @@ def test_release_caches_reaches_blocks_and_pool_first_groups():
 
 
 def test_sigmoid_is_the_two_branch_formula_bit_for_bit_in_the_input_layout():
-    """``exp(min(x, 0)) / (1 + exp(-|x|))`` gives exactly the values of ``1 / (1 + e)`` for x >= 0 and
-    ``e / (1 + e)`` below (e = exp(-|x|)), without an overflow warning, in the input's memory layout."""
+    """``max(sign(x), e) / (1 + e)`` gives exactly the values of ``1 / (1 + e)`` for x >= 0 and
+    ``e / (1 + e)`` below (e = exp(-|x|)), signed zeros and infinities too, without an overflow
+    warning, in the input's memory layout."""
     rng = np.random.default_rng(0)
     body = (4 * rng.standard_normal((5, 6, 7, 3))).astype(np.float32)
-    body.reshape(-1)[:8] = [-1000, -104, -88, -1e-3, 0, 1e-3, 88, 1000]
+    body.reshape(-1)[:11] = [-np.inf, -1000, -104, -88, -1e-3, -0.0, 0, 1e-3, 88, 1000, np.inf]
     x = body.transpose(3, 0, 1, 2)  # batch-last memory, as after a batch-last convolution
     e = np.exp(-np.abs(x))
     expected = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
