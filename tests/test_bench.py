@@ -118,6 +118,23 @@ def test_without_torch_reports_numexp_alone(run_bench, monkeypatch, capsys):
     assert "PyTorch is not installed" in capsys.readouterr().out
 
 
+def test_models_outside_the_targets_run_on_request_residual_blocks_as_one_row(run_bench):
+    """``--models lenet5_classic resnet_small``: the classic LeNet-5 built from model=lenet5's defaults
+    (sigmoid, average pooling), resnet_small timed with each residual block as one per-layer row."""
+    pytest.importorskip("torch")
+    out = run_bench("--models", "lenet5_classic", "resnet_small", "--no-plots")
+    _, rows = read_csv(out / "bench.csv")
+    assert [(r["model"], r["framework"]) for r in rows] == [
+        ("lenet5_classic", "numexp"), ("lenet5_classic", "torch"), ("resnet_small", "numexp"), ("resnet_small", "torch")]
+    assert all(math.isfinite(float(r["train_vs_torch"])) and float(r["train_gflop_s"]) > 0 for r in rows)
+    _, layer_rows = read_csv(out / "bench_layers.csv")
+    layers = {(r["model"], r["layer"]) for r in layer_rows}
+    assert {("lenet5_classic", "act1"), ("lenet5_classic", "pool1"), ("resnet_small", "layer1")} <= layers
+    assert all(math.isfinite(float(r["numexp_ms"])) and math.isfinite(float(r["torch_ms"])) for r in layer_rows)
+    runner = bench.NumexpRunner("lenet5_classic", bench.BENCH_MODELS["lenet5_classic"], np.random.default_rng(0))
+    assert isinstance(runner.model["act1"], nn.Sigmoid) and isinstance(runner.model["pool1"], nn.AvgPool2d)
+
+
 def test_no_layers_and_no_plots_write_only_the_main_table(run_bench):
     out = run_bench("--no-torch", "--no-layers", "--no-plots")
     assert sorted(p.name for p in out.iterdir()) == ["bench.csv"]
