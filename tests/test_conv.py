@@ -14,6 +14,7 @@ CASES = [  # (shape, out_channels, kernel, stride, padding)
     ((2, 4, 5, 7), 2, 1, 1, 0),   # kernel 1
     ((2, 3, 11, 10), 4, 5, 2, 1),  # odd sizes, stride 2, padding 1
     ((1, 2, 6, 6), 3, 3, 2, 2),
+    ((2, 8, 6, 7), 3, 3, 1, 1),   # im2col rows of 72 values: the unfold built again for the weight gradient
 ]
 
 
@@ -117,6 +118,17 @@ def test_im2col_matmul_without_col_gives_the_same_products_bit_for_bit(channels,
     col, out = kernels.im2col_matmul(x, w_rows, 3, 3, stride, 1, pool, chunk_bytes=chunk_bytes, keep_col=False)
     assert col is None
     assert out.shape == kept.shape and np.array_equal(out, kept)
+
+
+@pytest.mark.parametrize("stride, pool, chunk_bytes", [(1, 1, 60000), (1, 2, 90000), (2, 1, 30000), (1, 2, 1)])
+def test_im2col_weight_grad_is_the_product_with_the_whole_unfold(stride, pool, chunk_bytes):
+    """Chunks of samples (uneven last ones, one sample at a time): the same sum as d.T @ im2col(x)."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 8, 6, 8))
+    col = kernels.im2col(x, 3, 3, stride, 1, pool)
+    d = rng.standard_normal((len(col), 4))
+    got = kernels.im2col_weight_grad(x, d, 3, 3, stride, 1, pool, chunk_bytes=chunk_bytes)
+    np.testing.assert_allclose(got, d.T @ col, rtol=1e-12)
 
 
 def test_conv_in_eval_mode_keeps_no_unfold_and_backward_still_works():

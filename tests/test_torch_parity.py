@@ -204,7 +204,7 @@ def test_bn_relu_maxpool_pooled_first_matches_torch(shape, gamma, mode):
     assert seq._ran[-1].bn is (seq["0"] if gamma == "positive" else None)
 
 
-@pytest.mark.parametrize("shape", [(4, 2, 8, 8), (4, 2, 7, 9)], ids=["tiled", "floor-mode"])
+@pytest.mark.parametrize("shape", [(4, 2, 8, 8), (4, 8, 8, 8), (4, 2, 7, 9)], ids=["tiled", "tiled-wide", "floor-mode"])
 @pytest.mark.parametrize("gamma", ["positive", "one-negative", "no-bn"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("method", ["im2col", "taps", "batch_last"])
@@ -212,10 +212,11 @@ def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode, method):
     """Conv2d -> [BatchNorm2d ->] ReLU -> MaxPool2d(2): where the windows tile the conv's output, the
     conv hands it over in pool blocks (Conv2d.pool_blocks) to the pool-first group, which sends the
     gradient back in that layout; integer weights and inputs make ties everywhere. A declining group
-    (negative scale) gets the output back as (N, C, H, W); floor mode never uses blocks."""
+    (negative scale) gets the output back as (N, C, H, W); floor mode never uses blocks. With 8 input
+    channels the im2col rows are wide (72 values): the unfold is not kept but built again in backward."""
     rng = np.random.default_rng(8)
     # a bias before batch-statistics BN has a gradient of 0 up to rounding: none there, as in SimpleNet
-    layers = [nn.Conv2d(2, 3, 3, padding=1, bias=gamma == "no-bn", method=method, rng=rng)]
+    layers = [nn.Conv2d(shape[1], 3, 3, padding=1, bias=gamma == "no-bn", method=method, rng=rng)]
     layers += [nn.BatchNorm2d(3)] if gamma != "no-bn" else []
     seq = nn.Sequential(*layers, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
     conv = seq["0"]
@@ -231,9 +232,11 @@ def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode, method):
     x = rng.integers(-2, 3, size=shape).astype(np.float64)
     check_forward_backward(seq, t, x, rng, f"Conv-BN-ReLU-MaxPool ({gamma}, {mode})")
     assert_state_close(seq, t, "running statistics")
-    tiled = shape == (4, 2, 8, 8)
+    tiled = shape[2:] == (8, 8)
     blocked = tiled and gamma != "one-negative"
     assert conv._cache[-1] == (2 if tiled else 1)  # the conv's layout; the group may decline it
+    if method == "im2col":
+        assert (conv._cache[1] is None) == (shape[1] == 8 or mode == "eval")  # the unfold kept or not
     steps = [type(step).__name__ for step in seq._ran]
     if gamma == "one-negative":
         assert steps == ["Conv2d", "BatchNorm2d", "PoolFirst", "Flatten"]
