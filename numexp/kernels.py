@@ -91,20 +91,12 @@ def im2col_matmul(x, w_rows, kh, kw, stride=1, padding=0, pool=1, chunk_bytes=CH
     """
     patches, lead = _patches(x, kh, kw, stride, padding, pool)
     N, K, F = x.shape[0], kh * kw * x.shape[1], w_rows.shape[0]
-    taps = int(np.prod(patches.shape[:lead], dtype=int))
-    per_sample = patches.nbytes // N
-    step = N if K < WIDE_ROWS and keep_col else max(1, chunk_bytes // per_sample)
-    every_tap = (slice(None),) * lead
-    if keep_col:
-        col = np.empty(patches.shape, dtype=x.dtype)
-    else:  # one chunk of samples, reused: (taps..., step, grid..., kh, kw, C)
-        col = np.empty(patches.shape[:lead] + (min(step, N),) + patches.shape[lead + 1:], dtype=x.dtype)
-    pixels = patches.size // (taps * N * K)  # per tap and sample
-    out = np.empty((taps, N, pixels, F), dtype=np.result_type(x, w_rows))
-    for n in range(0, N, step):
-        samples = every_tap + (slice(n, n + step),)
-        chunk = col[samples] if keep_col else col[every_tap + (slice(0, min(step, N - n)),)]
-        np.copyto(chunk, patches[samples])
+    taps, step = _chunking(patches, lead, chunk_bytes)
+    if K < WIDE_ROWS and keep_col:
+        step = N
+    col = np.empty(patches.shape, dtype=x.dtype) if keep_col else _chunk_buffer(patches, lead, step)
+    out = np.empty((taps, N, patches.size // (taps * N * K), F), dtype=np.result_type(x, w_rows))
+    for n, chunk in _unfold_chunks(patches, lead, step, col):
         np.matmul(chunk.reshape(taps, -1, K), w_rows.T, out=out[:, n:n + step].reshape(taps, -1, F))
     return (col.reshape(-1, K) if keep_col else None), out.reshape(-1, F)
 
@@ -122,19 +114,38 @@ def im2col_weight_grad(x, d, kh, kw, stride=1, padding=0, pool=1, chunk_bytes=2 
     """
     patches, lead = _patches(x, kh, kw, stride, padding, pool)
     N, K, F = x.shape[0], kh * kw * x.shape[1], d.shape[1]
-    taps = int(np.prod(patches.shape[:lead], dtype=int))
-    step = max(1, chunk_bytes // (patches.nbytes // N))
-    every_tap = (slice(None),) * lead
-    col = np.empty(patches.shape[:lead] + (min(step, N),) + patches.shape[lead + 1:], dtype=x.dtype)
+    taps, step = _chunking(patches, lead, chunk_bytes)
     rows = d.reshape(taps, N, -1, F)  # (tap, n, pixel, F), as col's rows
     grad = np.zeros((F, K), dtype=np.result_type(x, d))
-    for n in range(0, N, step):
-        chunk = col[every_tap + (slice(0, min(step, N - n)),)]
-        np.copyto(chunk, patches[every_tap + (slice(n, n + step),)])
+    for n, chunk in _unfold_chunks(patches, lead, step, _chunk_buffer(patches, lead, step)):
         # (taps, F, rows) @ (taps, rows, K): one product per pooling-window tap, summed
         product = np.matmul(rows[:, n:n + step].reshape(taps, -1, F).transpose(0, 2, 1), chunk.reshape(taps, -1, K))
         grad += product[0] if taps == 1 else product.sum(axis=0)
     return grad
+
+
+def _chunking(patches, lead, chunk_bytes):
+    """(taps, step): the number of pooling-window taps of :func:`_patches`' view, and how many samples'
+    unfold make about ``chunk_bytes`` (at least one)."""
+    taps = int(np.prod(patches.shape[:lead], dtype=int))
+    return taps, max(1, chunk_bytes // (patches.nbytes // patches.shape[lead]))
+
+
+def _chunk_buffer(patches, lead, step):
+    """An empty unfold of ``step`` samples, (taps..., step, grid..., kh, kw, C), to reuse for every chunk."""
+    step = min(step, patches.shape[lead])
+    return np.empty(patches.shape[:lead] + (step,) + patches.shape[lead + 1:], dtype=patches.dtype)
+
+
+def _unfold_chunks(patches, lead, step, col):
+    """Copy the unfold of ``step`` samples at a time into ``col`` (the whole unfold, or a
+    :func:`_chunk_buffer`) and yield (first sample, that chunk of col)."""
+    N, every_tap = patches.shape[lead], (slice(None),) * lead
+    for n in range(0, N, step):
+        samples = every_tap + (slice(n, n + step),)
+        chunk = col[samples] if col.shape[lead] == N else col[every_tap + (slice(0, min(step, N - n)),)]
+        np.copyto(chunk, patches[samples])
+        yield n, chunk
 
 
 def _patches(x, kh, kw, stride, padding, pool):
