@@ -28,18 +28,25 @@ _SCALARS = {np.dtype(np.float32): ("s", ctypes.c_float), np.dtype(np.float64): (
 _state = {}  # "functions": {dtype: ctypes function}, "source": description; filled on first use
 
 
+def _openblas():
+    """(ctypes library, path) of the OpenBLAS NumPy uses, or (None, reason)."""
+    from threadpoolctl import threadpool_info
+    libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    if not libs:
+        return None, "NumPy's BLAS is not OpenBLAS"
+    try:
+        return ctypes.CDLL(libs[0]["filepath"]), libs[0]["filepath"]
+    except OSError as err:
+        return None, f"cannot load {libs[0]['filepath']}: {err}"
+
+
 def _find_functions():
     """({dtype: cblas gemm function}, "path:symbol") of the OpenBLAS NumPy uses, or ({}, reason)."""
     if os.environ.get("NUMEXP_DIRECT_BLAS", "1") == "0":
         return {}, "off (NUMEXP_DIRECT_BLAS=0)"
-    from threadpoolctl import threadpool_info
-    libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
-    if not libs:
-        return {}, "off (NumPy's BLAS is not OpenBLAS)"
-    try:
-        lib = ctypes.CDLL(libs[0]["filepath"])
-    except OSError as err:
-        return {}, f"off (cannot load {libs[0]['filepath']}: {err})"
+    lib, path = _openblas()
+    if lib is None:
+        return {}, f"off ({path})"
     for pattern, integer in _SYMBOLS:
         functions = {}
         for dtype, (letter, scalar) in _SCALARS.items():
@@ -51,7 +58,7 @@ def _find_functions():
             fn.restype = None
             functions[dtype] = fn
         else:
-            return functions, f"{libs[0]['filepath']}:{pattern.format('s')}"
+            return functions, f"{path}:{pattern.format('s')}"
     return {}, "off (no cblas gemm symbol found)"
 
 
@@ -109,3 +116,20 @@ def gemm_at_b(c, a, b, alpha, beta):
         raise ValueError(f"gemm_at_b: shapes {a.shape}.T @ {b.shape} do not give {c.shape}")
     _call(fn, c, a, b, float(alpha), float(beta))
     return True
+
+
+def threads():
+    """How many threads NumPy's OpenBLAS would run a GEMM on now (its current limit, which
+    ``threadpool_limits`` sets), asked in about a microsecond; 1 where it cannot be asked (another BLAS).
+
+    The convolutions pick their unfolding by it: chunks of the unfold multiplied while in cache win on
+    one thread and lose on two, where one large GEMM splits better (:class:`numexp.nn.Conv2d`)."""
+    if "threads" not in _state:
+        lib, _ = _openblas()
+        names = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads")
+        fn = next((getattr(lib, name) for name in names if lib is not None and hasattr(lib, name)), None)
+        if fn is not None:
+            fn.argtypes, fn.restype = [], ctypes.c_int
+        _state["threads"] = fn
+    fn = _state["threads"]
+    return fn() if fn is not None else 1

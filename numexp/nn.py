@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from numexp import kernels
+from numexp import blas, kernels
 from numexp.atomic import atomic_open
 
 _default_dtype = np.dtype(np.float32)
@@ -287,10 +287,15 @@ class Linear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={'bias' in self.params}"
 
 
-# Conv2d (im2col) takes its input gradient by a flipped-kernel convolution (stride 1) when it has at
-# most this many output channels F, the inner size of kernels.col2im_product's per-tap GEMMs:
-# resnet_small's training step (F = 16, 32) 74.3-75.9 -> 70.8-72.3 ms at one thread; SimpleNet's
-# (conv2, F = 64) no faster (95.7-96.9 against 96.6-97.2 ms)
+# How an im2col Conv2d unfolds, as measured (ms for resnet_small's 16-channel 3x3 layers at 28x28: forward,
+# weight gradient, input gradient):
+# - on one BLAS thread, with stride 1 and rows of kernels.WIDE_ROWS values or more, the unfold is never kept but
+#   built a chunk of samples at a time in cache, forward and again for the weight gradient (6.3 -> 4.7 and 4.5 ->
+#   4.4); with at most NARROW_TAPS output channels F (the inner size of kernels.col2im_product's per-tap GEMMs) the
+#   input gradient is a flipped-kernel convolution in the same chunks (6.0 -> 4.6). resnet_small's training step
+#   75.4 -> 69.0 ms; SimpleNet's (conv2, F = 64, keeps no unfold but takes per-tap GEMMs) unchanged;
+# - on more BLAS threads one large GEMM splits better than chunks in cache (two threads: 4.8 against 5.8, 2.8
+#   against 6.2, 4.5 against 5.7), so the whole unfold is kept and the input gradient takes per-tap GEMMs.
 NARROW_TAPS = 32
 
 
@@ -362,10 +367,11 @@ class Conv2d(Module):
         k, s, p, F, pool = self.kernel_size, self.stride, self.padding, self.out_channels, self.pool_blocks
         out_h, out_w = kernels.conv_output_size(H, k, s, p), kernels.conv_output_size(W, k, s, p)
         w_rows = w.transpose(0, 2, 3, 1).reshape(F, -1)  # (F, k*k*C), matching im2col's columns
-        # col: (N*out_h*out_w, k*k*C); out: (N*out_h*out_w, F), channels-last memory. col is kept for the
-        # weight gradient only where unfolding x again there costs more (kernels.im2col_weight_grad):
+        # col: (N*out_h*out_w, k*k*C); out: (N*out_h*out_w, F), channels-last memory. On one BLAS thread col
+        # is kept for the weight gradient only where unfolding x again there costs more (see NARROW_TAPS):
         # narrow rows (SimpleNet's conv1: 2.8 -> 3.6 ms) and strides (resnet_small's: 1.3 -> 1.9 ms)
-        keep = self.training and (w_rows.shape[1] < kernels.WIDE_ROWS or s > 1)
+        narrow_or_strided = w_rows.shape[1] < kernels.WIDE_ROWS or s > 1
+        keep = blas.threads() > 1 or (self.training and narrow_or_strided)
         col, out = kernels.im2col_matmul(x, w_rows, k, k, s, p, pool, keep_col=keep)
         if b is not None:
             kernels.add_channel_bias(out, b)
@@ -404,7 +410,7 @@ class Conv2d(Module):
             return None
         if pool > 1:  # both ways below want rows in image order
             d2 = kernels.channels_last(kernels.unpool_blocks(dout, pool, channels_last=True)).reshape(-1, F)
-        if self.stride == 1 and self.padding < k and F <= NARROW_TAPS:
+        if self.stride == 1 and self.padding < k and F <= NARROW_TAPS and blas.threads() == 1:
             return kernels.input_grad_by_convolution(d2, w, x_shape, self.padding)
         w_taps = np.ascontiguousarray(w_rows.reshape(F, k * k, -1).transpose(1, 0, 2))  # (k*k, F, C)
         return kernels.col2im_product(d2, w_taps, x_shape, k, k, self.stride, self.padding)

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from numexp import blas
 
@@ -63,3 +64,12 @@ def test_environment_switch_turns_it_off_and_the_summary_says_so():
         assert called is used, source
         assert source.startswith("off (NUMEXP_DIRECT_BLAS=0)") if value == "0" else ":" in source
         assert [t["direct_gemm"] for t in threads if t["library"] == "openblas"] == [source]
+
+
+def test_threads_reads_the_limit_threadpoolctl_sets():
+    with threadpool_limits(1, user_api="blas"):
+        assert blas.threads() == 1
+    openblas = any(i.get("internal_api") == "openblas" for i in threadpool_info())
+    if openblas and (os.cpu_count() or 1) >= 2:  # another BLAS: 1, which picks the one-thread unfolding
+        with threadpool_limits(2, user_api="blas"):
+            assert blas.threads() == 2

@@ -3,8 +3,9 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
-from numexp import kernels, nn
+from numexp import blas, kernels, nn
 from numexp.gradcheck import rel_error
 
 CASES = [  # (shape, out_channels, kernel, stride, padding)
@@ -18,14 +19,17 @@ CASES = [  # (shape, out_channels, kernel, stride, padding)
 ]
 
 
-@pytest.mark.parametrize("method", ["im2col", "im2col-slice-adds", "taps", "batch_last"])
+@pytest.mark.parametrize("method", ["im2col", "im2col-slice-adds", "im2col-two-blas-threads", "taps", "batch_last"])
 @pytest.mark.parametrize("shape,f,k,stride,padding", CASES)
 def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, padding, method, monkeypatch):
     """"im2col-slice-adds": the input gradient by kernels.col2im_product at stride 1 too, as for
-    layers with more than nn.NARROW_TAPS output channels."""
+    layers with more than nn.NARROW_TAPS output channels; "im2col-two-blas-threads": the whole unfold
+    kept and per-tap GEMMs, as on more than one BLAS thread."""
     if method == "im2col-slice-adds":
-        method = "im2col"
         monkeypatch.setattr(nn, "NARROW_TAPS", 0)
+    # the unfolding follows the BLAS threads (nn.NARROW_TAPS): one unless said, whatever this machine has
+    monkeypatch.setattr(blas, "threads", lambda: 2 if method == "im2col-two-blas-threads" else 1)
+    method = method.split("-")[0]
     rng = np.random.default_rng(0)
     fast = nn.Conv2d(shape[1], f, k, stride, padding, method=method, rng=np.random.default_rng(1))
     naive = nn.Conv2d(shape[1], f, k, stride, padding, method="naive", rng=np.random.default_rng(1))
@@ -131,9 +135,27 @@ def test_im2col_weight_grad_is_the_product_with_the_whole_unfold(stride, pool, c
     np.testing.assert_allclose(got, d.T @ col, rtol=1e-12)
 
 
-def test_conv_in_eval_mode_keeps_no_unfold_and_backward_still_works():
+@pytest.mark.parametrize("blas_threads", [1, 2])
+def test_conv_keeps_the_unfold_only_where_its_blas_threads_gain_from_it(blas_threads):
+    """Stride 1, rows of 144 values: on one BLAS thread no unfold is kept, in training or eval; on two
+    the whole unfold is (its one large GEMM splits better over threads than chunks in cache)."""
+    rng = np.random.default_rng(3)
+    conv = nn.Conv2d(16, 8, 3, padding=1, rng=rng)
+    x = rng.standard_normal((4, 16, 6, 6)).astype(np.float32)
+    with threadpool_limits(blas_threads, user_api="blas"):
+        if blas.threads() != blas_threads:
+            pytest.skip(f"OpenBLAS runs on {blas.threads()} thread(s) here, not {blas_threads}")
+        for training in (True, False):
+            conv.train(training)
+            conv.forward(x)
+            assert (conv._cache[1] is not None) == (blas_threads > 1), training
+
+
+def test_conv_in_eval_mode_keeps_no_unfold_and_backward_still_works(monkeypatch):
     """Eval output bit for bit the training one; no col in the cache, and no col-sized allocation (the
-    unfold of this input is 4.7 MB); a backward after an eval pass gives the training pass's gradients."""
+    unfold of this input is 4.7 MB); a backward after an eval pass gives the training pass's gradients.
+    On one BLAS thread, where the unfold is built in chunks."""
+    monkeypatch.setattr(blas, "threads", lambda: 1)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((32, 16, 16, 16)).astype(np.float32)
     conv = nn.Conv2d(16, 32, 3, padding=1, rng=rng)

@@ -208,12 +208,14 @@ def test_bn_relu_maxpool_pooled_first_matches_torch(shape, gamma, mode):
 @pytest.mark.parametrize("gamma", ["positive", "one-negative", "no-bn"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("method", ["im2col", "taps", "batch_last"])
-def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode, method):
+def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode, method, monkeypatch):
     """Conv2d -> [BatchNorm2d ->] ReLU -> MaxPool2d(2): where the windows tile the conv's output, the
     conv hands it over in pool blocks (Conv2d.pool_blocks) to the pool-first group, which sends the
     gradient back in that layout; integer weights and inputs make ties everywhere. A declining group
     (negative scale) gets the output back as (N, C, H, W); floor mode never uses blocks. With 8 input
-    channels the im2col rows are wide (72 values): the unfold is not kept but built again in backward."""
+    channels the im2col rows are wide (72 values): on one BLAS thread (as here) the unfold is not kept but
+    built again in backward."""
+    monkeypatch.setattr(blas, "threads", lambda: 1)
     rng = np.random.default_rng(8)
     # a bias before batch-statistics BN has a gradient of 0 up to rounding: none there, as in SimpleNet
     layers = [nn.Conv2d(shape[1], 3, 3, padding=1, bias=gamma == "no-bn", method=method, rng=rng)]
