@@ -131,53 +131,9 @@ def test_batch_last_convolution_models_stay_float32(name, options):
     assert all(g.dtype == np.float32 for _, g in model.named_grads())
 
 
-def test_a_simplenet_training_step_allocates_no_parameter_sized_temporary():
-    """Regression guard for the hot path, counted in bytes rather than timed.
-
-    What one SimpleNet step (batch 64, plain SGD with reg, FC1's update fused into backward as the
-    trainer runs it, BN-ReLU-pool pooled first) keeps for its backward pass is about 45 MB; its peak
-    of new allocations is about 69 MB. A float64 upcast of the activations, or a temporary the size
-    of FC1's 12.6M weights (48 MB, e.g. ``w -= lr * (g + reg * w)`` done whole: 93 MB), pushes it
-    past the 85 MB bound.
-    """
+def second_step_peak(model, loss_fn, opt, x, y):
+    """Peak bytes newly allocated by a second training step: the first makes the buffers later ones reuse."""
     import tracemalloc
-
-    rng = np.random.default_rng(0)
-    model = models.build("simplenet", (3, 32, 32), 43, rng=rng)
-    model.set_input_grad(False)
-    loss_fn = losses.build("svm_l2")
-    opt = optim.build("sgd", model, lr=1e-3, reg=1e-4)
-    assert opt.fuse_into_backward() == 1
-    x, y = rng.standard_normal((64, 3, 32, 32), dtype=np.float32), rng.integers(0, 43, 64)
-
-    def step():
-        _, dscores = loss_fn(model(x), y)
-        model.backward(dscores)
-        opt.step()
-
-    step()  # the first step makes the buffers that later steps reuse
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        step()
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    assert 30 * 2**20 < peak < 85 * 2**20, f"peak {peak / 2**20:.1f} MB"
-
-
-def test_a_resnet_small_training_step_on_one_blas_thread_keeps_no_unfold(monkeypatch):
-    """Memory guard for the chunked unfolds (nn.NARROW_TAPS): one resnet_small step (batch 64, 1x28x28)
-    on one BLAS thread peaks at about 52 MB of new allocations; keeping the unfolds of its 3x3
-    convolutions, as on two BLAS threads, 120 MB (each 16-channel one is 29 MB). Bound: 80 MB."""
-    import tracemalloc
-
-    monkeypatch.setattr(blas, "threads", lambda: 1)
-    rng = np.random.default_rng(0)
-    model = models.build("resnet_small", (1, 28, 28), 10, rng=rng)
-    model.set_input_grad(False)
-    loss_fn, opt = losses.build("softmax"), optim.build("sgd", model, lr=1e-3)
-    x, y = rng.standard_normal((64, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 64)
 
     def step():
         _, dscores = loss_fn(model(x), y)
@@ -189,9 +145,40 @@ def test_a_resnet_small_training_step_on_one_blas_thread_keeps_no_unfold(monkeyp
     try:
         base = tracemalloc.get_traced_memory()[0]
         step()
-        peak = tracemalloc.get_traced_memory()[1] - base
+        return tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
+
+
+def test_a_simplenet_training_step_allocates_no_parameter_sized_temporary():
+    """Regression guard for the hot path, counted in bytes rather than timed.
+
+    What one SimpleNet step (batch 64, plain SGD with reg, FC1's update fused into backward as the
+    trainer runs it, BN-ReLU-pool pooled first) keeps for its backward pass is about 45 MB; its peak
+    of new allocations is about 69 MB. A float64 upcast of the activations, or a temporary the size
+    of FC1's 12.6M weights (48 MB, e.g. ``w -= lr * (g + reg * w)`` done whole: 93 MB), pushes it
+    past the 85 MB bound.
+    """
+    rng = np.random.default_rng(0)
+    model = models.build("simplenet", (3, 32, 32), 43, rng=rng)
+    model.set_input_grad(False)
+    opt = optim.build("sgd", model, lr=1e-3, reg=1e-4)
+    assert opt.fuse_into_backward() == 1
+    x, y = rng.standard_normal((64, 3, 32, 32), dtype=np.float32), rng.integers(0, 43, 64)
+    peak = second_step_peak(model, losses.build("svm_l2"), opt, x, y)
+    assert 30 * 2**20 < peak < 85 * 2**20, f"peak {peak / 2**20:.1f} MB"
+
+
+def test_a_resnet_small_training_step_on_one_blas_thread_keeps_no_unfold(monkeypatch):
+    """Memory guard for the chunked unfolds (nn.NARROW_TAPS): one resnet_small step (batch 64, 1x28x28)
+    on one BLAS thread peaks at about 52 MB of new allocations; keeping the unfolds of its 3x3
+    convolutions, as on two BLAS threads, 120 MB (each 16-channel one is 29 MB). Bound: 80 MB."""
+    monkeypatch.setattr(blas, "threads", lambda: 1)
+    rng = np.random.default_rng(0)
+    model = models.build("resnet_small", (1, 28, 28), 10, rng=rng)
+    model.set_input_grad(False)
+    x, y = rng.standard_normal((64, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 64)
+    peak = second_step_peak(model, losses.build("softmax"), optim.build("sgd", model, lr=1e-3), x, y)
     assert 20 * 2**20 < peak < 80 * 2**20, f"peak {peak / 2**20:.1f} MB"
 
 
