@@ -66,10 +66,12 @@ def test_environment_switch_turns_it_off_and_the_summary_says_so():
         assert [t["direct_gemm"] for t in threads if t["library"] == "openblas"] == [source]
 
 
-def test_threads_reads_the_limit_threadpoolctl_sets():
-    with threadpool_limits(1, user_api="blas"):
-        assert blas.threads() == 1
-    openblas = any(i.get("internal_api") == "openblas" for i in threadpool_info())
-    if openblas and (os.cpu_count() or 1) >= 2:  # another BLAS: 1, which picks the one-thread unfolding
-        with threadpool_limits(2, user_api="blas"):
-            assert blas.threads() == 2
+def test_threads_reads_the_limit_threadpoolctl_sets_on_numpys_openblas():
+    """What threadpoolctl reports for NumPy's OpenBLAS (the first one loaded) under each limit; 1 for
+    another BLAS. Where OpenBLAS cannot go to two threads, both say so."""
+    for limit in (1, 2):
+        with threadpool_limits(limit, user_api="blas"):
+            info = threadpool_info()
+            openblas = [i["num_threads"] for i in info if i.get("internal_api") == "openblas"]
+            assert blas.threads() == (openblas[0] if openblas else 1), info
+            assert blas.threads() <= limit
