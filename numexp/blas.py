@@ -34,6 +34,10 @@ def _openblas():
     libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
     if not libs:
         return None, "NumPy's BLAS is not OpenBLAS"
+    # SciPy's wheels load a second OpenBLAS, and threadpoolctl lists the two in no fixed order: NumPy's
+    # own is the one inside its installation (numpy.libs/, numpy/.dylibs/), where there is such a one
+    site = os.path.dirname(os.path.dirname(np.__file__))
+    libs.sort(key=lambda info: not os.path.relpath(info["filepath"], site).startswith("numpy"))
     try:
         return ctypes.CDLL(libs[0]["filepath"]), libs[0]["filepath"]
     except OSError as err:

@@ -75,3 +75,18 @@ def test_threads_reads_the_limit_threadpoolctl_sets_on_numpys_openblas():
             openblas = [i["num_threads"] for i in info if i.get("internal_api") == "openblas"]
             assert blas.threads() == (openblas[0] if openblas else 1), info
             assert blas.threads() <= limit
+
+
+def test_numpys_openblas_is_chosen_whatever_order_threadpoolctl_lists_them(monkeypatch):
+    """SciPy's wheels bring a second OpenBLAS (imported here through scikit-learn), and threadpoolctl
+    lists the two in no fixed order: numexp takes the one inside NumPy's installation either way."""
+    import threadpoolctl
+    from sklearn.datasets import load_digits  # noqa: F401 - loads SciPy and its OpenBLAS
+
+    infos = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    numpys = [i["filepath"] for i in infos if "numpy" in os.path.basename(os.path.dirname(i["filepath"]))]
+    if not numpys:
+        pytest.skip("NumPy does not bring its own OpenBLAS here")
+    for order in (infos, infos[::-1]):
+        monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda order=order: list(order))
+        assert blas._openblas()[1] == numpys[0]
