@@ -154,7 +154,8 @@ def test_conv_keeps_the_unfold_only_where_its_blas_threads_gain_from_it(blas_thr
 def test_conv_in_eval_mode_keeps_no_unfold_and_backward_still_works(monkeypatch):
     """Eval output bit for bit the training one; no col in the cache, and no col-sized allocation (the
     unfold of this input is 4.7 MB); a backward after an eval pass gives the training pass's gradients.
-    On one BLAS thread, where the unfold is built in chunks."""
+    On one BLAS thread, where both passes build the unfold in chunks (the training pass keeps none
+    either: 144-value rows, stride 1)."""
     monkeypatch.setattr(blas, "threads", lambda: 1)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((32, 16, 16, 16)).astype(np.float32)
