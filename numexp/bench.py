@@ -380,7 +380,7 @@ def step_keys(model):
     of the model's last forward pass: pool-first groups as one row)."""
     ids = {id(layer): name for name, layer in model.children()}
     ran = getattr(model, "_ran", None) or [layer for _, layer in model.children()]
-    names = [group_name(step, ids) if isinstance(step, nn.PoolFirst) else ids[id(step)] for step in ran]
+    names = [group_name(step, ids) if isinstance(step, nn.Fused) else ids[id(step)] for step in ran]
     return ([(n, "forward") for n in names] + [("loss", "forward+backward")]
             + [(n, "backward") for n in reversed(names)]
             + [("optimizer", "step"), ("other", "between layers"), ("step", "total")])

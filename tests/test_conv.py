@@ -273,3 +273,52 @@ def test_batchnorm_over_wide_rows_gives_the_bits_of_broadcasting(monkeypatch, tr
         results.append([out, bn.backward(dout), bn.grads["weight"], bn.buffers["running_mean"].copy()])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["im2col", "taps", "batch_last", "naive"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
+def test_eval_conv_bn_runs_folded_with_the_layers_own_gradients(method, bias, relu):
+    """In eval mode a Sequential runs Conv2d -> BatchNorm2d [-> ReLU] as one nn.ConvBN, the BN folded
+    into the conv's weight and bias: the layers' output up to rounding (float64), with no pass of
+    its own. A backward after it gives the layers' own gradients, bit for bit; nothing is changed
+    in the parameters, the input or the statistics."""
+    rng = np.random.default_rng(12)
+    layers = [nn.Conv2d(3, 4, 3, padding=1, bias=bias, method=method, rng=rng), nn.BatchNorm2d(4)]
+    layers += [nn.ReLU()] if relu else []
+    for layer in layers:
+        for key, value in layer.params.items():
+            layer.params[key] = value.astype(np.float64)
+    bn = layers[1]
+    bn.params["weight"][...] = [0.7, -1.3, 0.2, 1.1]  # a negative scale folds too
+    bn.params["bias"][...] = [0.1, -0.4, 0.3, 0.0]
+    bn.buffers["running_mean"] = np.array([0.5, -0.2, 0.1, 0.3])
+    bn.buffers["running_var"] = np.array([0.6, 1.7, 0.9, 2.0])
+    seq = nn.Sequential(*layers).eval()
+    x = rng.standard_normal((2, 3, 6, 5))
+    before = {name: p.copy() for name, p in seq.state_dict().items()}, x.copy()
+
+    out = seq(x)
+    assert [type(step).__name__ for step in seq._ran] == ["ConvBN"]
+    expected = x
+    for layer in layers:
+        expected = layer.forward(expected)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+    assert not np.array_equal(out, layers[0].forward(x))  # the BN did something
+
+    dout = rng.standard_normal(out.shape)
+    seq(x)
+    dx = seq.backward(dout)
+    grads = {id(layer): dict(layer.grads) for layer in layers}
+    h = x  # the reference: the layers one by one, forward then backward
+    for layer in layers:
+        h = layer.forward(h)
+    d = dout
+    for layer in reversed(layers):
+        d = layer.backward(d)
+    assert np.array_equal(dx, d)
+    for layer in layers:
+        for key, grad in layer.grads.items():
+            assert np.array_equal(grads[id(layer)][key], grad), (type(layer).__name__, key)
+    assert all(np.array_equal(p, before[0][name]) for name, p in seq.state_dict().items())
+    assert np.array_equal(x, before[1])

@@ -376,6 +376,10 @@ def test_residual_block_matches_torch_basic_block(cin, cout, stride, shape):
     block.eval()
     t.eval()
     check_forward_backward(block, t, rng.standard_normal(shape), rng, "Residual eval")
+    # in eval the BatchNorms ran folded into the convolutions (nn.ConvBN)
+    assert [type(step).__name__ for step in block._ran] == ["ConvBN", "ConvBN"]
+    if block.downsample is not None:
+        assert [type(step).__name__ for step in block.downsample._ran] == ["ConvBN"]
 
 
 def test_dropout_p0_is_identity_like_torch():
