@@ -461,18 +461,23 @@ class Conv2d(Module):
         k, s, p, F, pool = self.kernel_size, self.stride, self.padding, self.out_channels, self.pool_blocks
         out_h, out_w = kernels.conv_output_size(H, k, s, p), kernels.conv_output_size(W, k, s, p)
         w_rows = w.transpose(0, 2, 3, 1).reshape(F, -1)  # (F, k*k*C), matching col's rows (i, j, c)
-        col = kernels.im2col_batch_last(x, k, k, s, p, pool)
-        out = w_rows @ col
+        if self.training:
+            col = kernels.im2col_batch_last(x, k, k, s, p, pool)
+            out = w_rows @ col
+        else:  # nothing will need col: built and multiplied in chunks (a backward unfolds x again)
+            col, out = None, kernels.batch_last_matmul(x, w_rows, k, k, s, p, pool)
         if b is not None:
             out += b[:, None]
-        self._cache = (x.shape, col, w_rows, pool)
+        self._cache = (x.shape, col, w_rows, x if col is None else None, pool)
         if pool > 1:  # columns (tap, ph, pw, n)
             return out.reshape(F, pool * pool, out_h // pool, out_w // pool, N).transpose(1, 4, 0, 2, 3)
         return out.reshape(F, out_h, out_w, N).transpose(3, 0, 1, 2)
 
     def _backward_batch_last(self, dout):
-        x_shape, col, w_rows, pool = self._cache
+        x_shape, col, w_rows, x, pool = self._cache
         F, C, k = self.out_channels, self.in_channels, self.kernel_size
+        if col is None:
+            col = kernels.im2col_batch_last(x, k, k, self.stride, self.padding, pool)
         if pool > 1 and dout.ndim == 4:  # the group after this layer ran layer by layer after all
             dout = kernels.pool_blocks(dout, pool)
         # (F, columns of col); free for the gradient of our own output, which keeps its memory order

@@ -86,6 +86,21 @@ def test_im2col_batch_last_is_im2col_transposed_with_the_batch_fastest():
         assert np.array_equal(col, expected.reshape(-1, 18).T)
 
 
+@pytest.mark.parametrize("pool, stride", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, 10**6], ids=["one-row", "uneven", "one-chunk"])
+def test_batch_last_matmul_is_the_product_with_the_unfold(pool, stride, chunk_bytes):
+    """Chunks of output rows (per pooling-window tap) in one reused buffer: the same product as with the
+    whole unfold; unfolds up to whole_bytes are built whole."""
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((3, 2, 11, 9) if stride > 1 else (3, 2, 8, 8))
+    w_rows = rng.standard_normal((4, 5 * 5 * 2))
+    expected = w_rows @ kernels.im2col_batch_last(x, 5, 5, stride, 2, pool)
+    out = kernels.batch_last_matmul(x, w_rows, 5, 5, stride, 2, pool, chunk_bytes=chunk_bytes, whole_bytes=0)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(kernels.batch_last_matmul(x, w_rows, 5, 5, stride, 2, pool), expected)
+
+
 @pytest.mark.parametrize("k, padding", [(3, 1), (3, 0), (5, 2), (5, 4), (1, 0), (2, 1)])
 def test_input_grad_by_convolution_is_col2im_product(k, padding):
     """Stride 1: the flipped-kernel convolution of d folds the patch gradients like the per-tap slice-adds."""
@@ -173,6 +188,26 @@ def test_conv_in_eval_mode_keeps_no_unfold_and_backward_still_works(monkeypatch)
     assert conv._cache[1] is None and peak < out.nbytes + 2 * 2**20, peak
     dx = conv.backward(dout)
     assert np.array_equal(dx, expected[0])
+    for name, grad in expected[1].items():
+        assert np.array_equal(conv.grads[name], grad), name
+
+
+@pytest.mark.parametrize("whole_bytes", [0, 6 << 20], ids=["chunks", "whole"])
+def test_batch_last_conv_in_eval_mode_keeps_no_unfold_and_backward_still_works(whole_bytes, monkeypatch):
+    """A batch-last conv in eval: the training output (up to rounding where the unfold goes in chunks),
+    no col in the cache, and a backward after it gives the training pass's gradients, bit for bit."""
+    monkeypatch.setattr(kernels, "WHOLE_BATCH_LAST", whole_bytes)
+    rng = np.random.default_rng(13)
+    conv = nn.Conv2d(2, 4, 5, padding=2, method="batch_last", rng=rng)
+    x = rng.standard_normal((3, 2, 8, 8))
+    dout = rng.standard_normal((3, 4, 8, 8))
+    trained = conv.forward(x)
+    expected = [conv.backward(dout), dict(conv.grads)]
+    conv.eval()
+    out = conv.forward(x)
+    np.testing.assert_allclose(out, trained, rtol=1e-12, atol=1e-12)
+    assert conv._cache[1] is None
+    assert np.array_equal(conv.backward(dout), expected[0])
     for name, grad in expected[1].items():
         assert np.array_equal(conv.grads[name], grad), name
 
