@@ -323,9 +323,9 @@ def im2col_batch_last(x, kh, kw, stride=1, padding=0, pool=1):
 
 def batch_last_matmul(x, w_rows, kh, kw, stride=1, padding=0, pool=1, chunk_bytes=CHUNK_BYTES, whole_bytes=None):
     """``w_rows @ im2col_batch_last(x, ...)`` (same arguments) for a pass that keeps no unfold (an
-    evaluation pass): an unfold larger than ``whole_bytes`` (default :data:`WHOLE_BATCH_LAST`) is built a few output rows at a time into
-    one reused buffer of about ``chunk_bytes``, each chunk multiplied while in cache, as
-    :func:`im2col_matmul` does without keeping col.
+    evaluation pass): an unfold larger than ``whole_bytes`` (default :data:`WHOLE_BATCH_LAST`) is
+    built a few output rows at a time into one reused buffer of about ``chunk_bytes``, each chunk
+    multiplied while in cache, as :func:`im2col_matmul` does without keeping col.
 
     Shape:
         w_rows: (F, kh*kw*C) -> (F, out_h*out_w*N), columns ordered as :func:`im2col_batch_last`'s.
