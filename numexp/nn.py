@@ -643,22 +643,22 @@ class ReLU(Module):
 
 
 class Sigmoid(Module):
-    """``1 / (1 + exp(-x))``, computed without overflow for large |x|.
+    """``1 / (1 + exp(-x))``, as torch computes it: four whole-array passes (negate, exp, add, divide)
+    into one array in x's memory layout.
 
-    As ``max(sign(x), e) / (1 + e)`` with e = exp(-|x|): the exponent is never positive, so nothing
-    overflows, and the numerator is 1 for x >= 0 and e = exp(x) below, so the values are those of
-    ``1 / (1 + e)`` and ``e / (1 + e)``, bit for bit. Seven whole-array ufunc passes, one of them an exp,
-    into two arrays in x's memory layout, where the branches of an ``np.where`` made four temporaries:
-    LeNet-5's first Sigmoid (64 x 6 x 28 x 28) 1.44 ms that way, 0.48 ms with a second exp for the
-    numerator, 0.38 ms now.
+    Below x = -88.7 (float32; -709 in float64) exp(-x) overflows to inf and the value is 1 / inf = 0
+    where the true one is under 3e-39: no warning is raised for that. Elsewhere the relative error is
+    that of float rounding (2.1e-7 in float32 over normal inputs of scale 4). LeNet-5's first
+    Sigmoid (64 x 6 x 28 x 28, one thread): 1.44 ms with ``np.where`` over two branches, 0.38 ms as
+    ``max(sign(x), e) / (1 + e)`` with e = exp(-|x|) (seven passes, no overflow), 0.21 ms now.
     """
 
     def forward(self, x):
-        e, out = np.empty_like(x), np.empty_like(x)
-        np.exp(np.negative(np.abs(x, out=e), out=e), out=e)
-        np.maximum(np.sign(x, out=out), e, out=out)
-        e += 1
-        out /= e
+        out = np.negative(x)
+        with np.errstate(over="ignore"):
+            np.exp(out, out=out)
+        out += 1
+        np.divide(1, out, out=out)
         self._cache = out
         return out
 
