@@ -1048,6 +1048,11 @@ def main(argv=None):
                                 confusion=not args.no_confusion, index=args.all, keep_runs=not args.no_runs)
     except (ReportError, runs_mod.RunsError) as e:
         print(f"error: {e}", file=sys.stderr)
+        folders = [name for name in args.experiments if Path(name).is_dir()]
+        if folders:  # `numexp report results/multirun/...`: a sweep's folder where a name belongs
+            print(f"{folders[0]} is a folder: the reports of the experiments (+experiment=NAME) whose runs it "
+                  f"holds are `numexp report --all --runs {folders[0]}`; the table of its runs, whatever they "
+                  f"are, is `numexp runs {folders[0]}`", file=sys.stderr)
         return 1
     for name, paths in written.items():
         print(f"{name}: " + ", ".join(Path(p).as_posix() for p in paths))

@@ -251,3 +251,7 @@ def test_cli_all_writes_the_index_and_names_missing_experiments(tree, tmp_path):
     assert proc.returncode == 1 and "no runs of experiment optimizers" in proc.stderr
     assert "lr_schedule, reg_sweep, svm_vs_softmax" in proc.stderr and "Traceback" not in proc.stderr
     assert cli().returncode == 2
+    proc = cli("results")  # a folder where an experiment name belongs: how to say what was meant
+    assert proc.returncode == 1 and "no runs of experiment results" in proc.stderr
+    assert "numexp report --all --runs results" in proc.stderr and "numexp runs results" in proc.stderr
+    assert "is a folder" not in cli("optimizers", "--runs", "results").stderr
