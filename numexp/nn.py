@@ -226,6 +226,13 @@ def _column_sums(rows):
     return np.ones(rows.shape[0], dtype=rows.dtype) @ rows
 
 
+# On one BLAS thread Linear's forward takes weights of BLOCKED_WEIGHT_BYTES or more ROW_BLOCK rows at a time:
+# SimpleNet's FC1 (3072 x 4096, batch 64) 19.1 -> 17.8 ms alone (blocks of 256: 18.2, 128: 19.0), its training
+# step 92.4 -> 90.8 ms (8 alternating rounds). On two threads the whole product splits better.
+ROW_BLOCK = 512
+BLOCKED_WEIGHT_BYTES = 8 << 20
+
+
 class Linear(Module):
     """Affine map ``out = x @ weight.T + bias``.
 
@@ -255,8 +262,14 @@ class Linear(Module):
 
     def forward(self, x):
         self._cache = x
-        # (W @ x.T).T: OpenBLAS runs this orientation ~20% faster for wide layers (FC1: 4096 -> 3072)
-        out = (self.params["weight"] @ x.T).T
+        w = self.params["weight"]
+        # (W @ x.T).T: OpenBLAS runs this orientation ~20% faster for wide layers (FC1: 4096 -> 3072);
+        # on one thread, a block of W's rows at a time is faster still (see ROW_BLOCK)
+        out_t = np.empty((len(w), len(x)), dtype=np.result_type(w, x))
+        step = ROW_BLOCK if w.nbytes >= BLOCKED_WEIGHT_BYTES and blas.threads() == 1 else len(w)
+        for start in range(0, len(w), step):
+            np.matmul(w[start:start + step], x.T, out=out_t[start:start + step])
+        out = out_t.T
         if "bias" in self.params:
             out += self.params["bias"]
         return out

@@ -36,9 +36,20 @@ def check_layer(layer, x, rng):
         assert rel_error(analytic, numeric) < TOL, name
 
 
-def test_linear_gradients_match_finite_differences():
+@pytest.mark.parametrize("row_blocks", [False, True])
+def test_linear_gradients_match_finite_differences(row_blocks, monkeypatch):
+    """row_blocks: the forward product a block of weight rows at a time, as for FC1-sized weights on one
+    BLAS thread (blocks of 2 rows of 5: the last one short)."""
+    if row_blocks:
+        monkeypatch.setattr(nn, "BLOCKED_WEIGHT_BYTES", 0)
+        monkeypatch.setattr(nn, "ROW_BLOCK", 2)
+        monkeypatch.setattr(nn.blas, "threads", lambda: 1)
     rng = np.random.default_rng(0)
-    check_layer(nn.Linear(7, 5, rng=rng), rng.standard_normal((4, 7)), rng)
+    layer, x = nn.Linear(7, 5, rng=rng), rng.standard_normal((4, 7))
+    out = layer.forward(x)
+    np.testing.assert_allclose(out, x @ layer.params["weight"].T + layer.params["bias"], rtol=1e-14, atol=1e-14)
+    assert out.flags.f_contiguous  # the layout the next layers' backward expects (see Linear.backward)
+    check_layer(layer, x, rng)
 
 
 @pytest.mark.parametrize("k,stride,padding,shape", [
