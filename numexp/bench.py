@@ -18,8 +18,11 @@ Then, in separate instrumented rounds (so the instruments never touch the headli
 times every top-level layer's forward and backward inside a training step, plus the loss and the
 optimizer step, for both frameworks: the next bottleneck is the largest row.
 
-Writes ``results/bench.csv``, ``results/bench_layers.csv`` and two charts beside them,
-``bench.png`` (train and eval ratio numexp/torch) and ``bench_layers.png`` (per-layer ms).
+Last it prints the engine's targets that the run measured (:data:`TRAIN_TARGETS` and the rest), each
+with its value and whether it was met, as ``bench_targets.csv``; ``--sweep`` prints the sweep's.
+
+Writes ``results/bench.csv``, ``results/bench_layers.csv``, ``results/bench_targets.csv`` and two charts
+beside them, ``bench.png`` (train and eval ratio numexp/torch) and ``bench_layers.png`` (per-layer ms).
 """
 import argparse
 import contextlib
@@ -504,10 +507,66 @@ def memory_probe(framework, name, threads, steps):
 
 
 def output_paths(out):
-    """The files written beside the ``--out`` CSV: per-layer CSV, the two charts, the sweep and optimizer CSVs."""
+    """The files written beside the ``--out`` CSV: per-layer CSV, the two charts, the targets, sweep and
+    optimizer CSVs."""
     stem = os.path.splitext(out)[0]
     return dict(csv=out, layers_csv=f"{stem}_layers.csv", png=f"{stem}.png", layers_png=f"{stem}_layers.png",
-                sweep_csv=f"{stem}_sweep.csv", optim_csv=f"{stem}_optim.csv")
+                targets_csv=f"{stem}_targets.csv", sweep_csv=f"{stem}_sweep.csv", optim_csv=f"{stem}_optim.csv")
+
+
+# --------------------------------------------------------------------------- the engine's targets
+
+# numexp / torch training images/s, by (model, threads); other thread counts of these models: 1.0
+TRAIN_TARGETS = {("simplenet", 1): 1.5, ("simplenet", 2): 1.5, ("lenet5", 1): 1.1, ("lenet5", 2): 1.0}
+EVAL_TARGET = 1.0  # numexp / torch eval images/s, every target model
+GEMM_SHARE_TARGET = 0.60  # SimpleNet training GFLOP/s over the GEMM rate measured on the spot
+SWEEP_TARGET = 0.55  # wall time of the sweep two at a time over one at a time
+TARGET_COLUMNS = ["model", "threads", "metric", "measured", "target", "met"]
+
+
+def target_rows(rows):
+    """One row per engine target that a bench run's ``rows`` measure: the measured value, the target
+    (``>= x`` or ``<= x``) and whether it was met. Ratios need torch; models outside
+    :data:`DEFAULT_MODELS` have no targets."""
+    by_key = {(r["model"], r["threads"], r["framework"]): r for r in rows}
+    targets = []
+
+    def add(r, metric, measured, bound, at_most=False):
+        if np.isfinite(measured):
+            met = measured <= bound if at_most else measured >= bound
+            targets.append(dict(model=r["model"], threads=r["threads"], metric=metric, measured=float(measured),
+                                target=f"{'<=' if at_most else '>='} {bound:g}", met=bool(met)))
+
+    for (model, threads, framework), r in by_key.items():
+        if framework != "numexp" or model not in DEFAULT_MODELS:
+            continue
+        add(r, "train img/s vs torch", r.get("train_vs_torch", np.nan), TRAIN_TARGETS.get((model, threads), 1.0))
+        add(r, "eval img/s vs torch", r.get("eval_vs_torch", np.nan), EVAL_TARGET)
+        if model == "simplenet":
+            add(r, "share of the GEMM rate in training", r.get("gemm_share", np.nan), GEMM_SHARE_TARGET)
+            theirs = by_key.get((model, threads, "torch"), {})
+            if "peak_mb" in r and "peak_mb" in theirs:
+                add(r, "peak memory, numexp / torch", r["peak_mb"] / theirs["peak_mb"], 1.0, at_most=True)
+    return targets
+
+
+def sweep_target_row(rows):
+    """The sweep target's row for :func:`numexp.bench_sweep.bench_sweep`'s rows (its median at n_jobs=2)."""
+    two = next(r for r in rows if r["round"] == "median" and r["n_jobs"] == 2)
+    return dict(model="sweep of 4 runs", threads=2, metric="wall vs one at a time", measured=two["vs_one_at_a_time"],
+                target=f"<= {SWEEP_TARGET:g}", met=bool(two["vs_one_at_a_time"] <= SWEEP_TARGET))
+
+
+def print_targets(targets):
+    if not targets:
+        return
+    print("\nthe engine's targets (issue: engine speed to the machine's ceiling):")
+    print(f"{'model':<16}{'threads':>8}  {'metric':<36}{'measured':>10}  {'target':<8}  met")
+    for t in targets:
+        print(f"{t['model']:<16}{t['threads']:>8}  {t['metric']:<36}{t['measured']:>10.4g}  {t['target']:<8}  "
+              f"{'yes' if t['met'] else 'NO'}")
+    missed = sum(not t["met"] for t in targets)
+    print(f"{len(targets) - missed} of {len(targets)} met" + (f"; {missed} missed" if missed else ""))
 
 
 def machine_description(use_torch):
@@ -604,6 +663,7 @@ def main(argv=None):
         for row in rows:
             row["args"] = " ".join(sweep_args)
         bench_sweep.print_sweep(rows, sweep_args)
+        print_targets([sweep_target_row(rows)])
         print("wrote " + write_csv(rows, output_paths(args.out)["sweep_csv"], bench_sweep.SWEEP_COLUMNS))
         return 0
     use_torch = have_torch() and not args.no_torch
@@ -636,10 +696,14 @@ def main(argv=None):
     print_table(rows)
     if layer_rows:
         print_layer_table(layer_rows, rounds=args.rounds)
+    targets = target_rows(rows)
+    print_targets(targets)
     paths = output_paths(args.out)
     written = [write_csv(rows, paths["csv"])]
     if layer_rows:
         written.append(write_csv(layer_rows, paths["layers_csv"], LAYER_COLUMNS))
+    if targets:
+        written.append(write_csv(targets, paths["targets_csv"], TARGET_COLUMNS))
     if not args.no_plots:
         written.append(plot_ratios(rows, paths["png"]))
         if layer_rows:

@@ -98,9 +98,15 @@ def test_with_torch_writes_both_tables_and_charts(run_bench, capsys):
 
     assert_valid_png(out / "bench.png")
     assert_valid_png(out / "bench_layers.png")
+    columns, targets = read_csv(out / "bench_targets.csv")  # values and verdicts not judged
+    assert columns == ["model", "threads", "metric", "measured", "target", "met"]
+    assert [(t["model"], t["threads"], t["metric"], t["target"]) for t in targets] == [
+        (MODEL, "1", "train img/s vs torch", ">= 1"), (MODEL, "1", "eval img/s vs torch", ">= 1")]
+    assert all(t["met"] in ("True", "False") for t in targets)
     printed = capsys.readouterr().out
     assert f"{MODEL}, 1 thread(s): per-layer ms" in printed
     assert "(sum of rows)" in printed and "machine: " in printed
+    assert "the engine's targets" in printed and " of 2 met" in printed
 
 
 def test_without_torch_reports_numexp_alone(run_bench, monkeypatch, capsys):
@@ -115,6 +121,7 @@ def test_without_torch_reports_numexp_alone(run_bench, monkeypatch, capsys):
     assert all(math.isfinite(float(r["numexp_ms"])) and math.isnan(float(r["torch_ms"])) for r in layer_rows)
     assert_valid_png(out / "bench.png")
     assert_valid_png(out / "bench_layers.png")
+    assert not (out / "bench_targets.csv").exists()  # SimpleConvNet's targets are all ratios to torch
     assert "PyTorch is not installed" in capsys.readouterr().out
 
 
@@ -186,7 +193,8 @@ def test_sweep_times_both_launch_modes_and_reads_every_run(run_bench, capsys):
     assert [(r["round"], r["n_jobs"]) for r in rows] == [("0", "1"), ("0", "2"), ("median", "1"), ("median", "2")]
     assert all(r["runs"] == "2" and float(r["wall_s"]) > float(r["run_wall_sum_s"]) / 2 > 0 for r in rows)
     assert float(rows[2]["vs_one_at_a_time"]) == 1.0 and rows[0]["args"] == " ".join(args)
-    assert "two at a time:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "two at a time:" in printed and "wall vs one at a time" in printed
     assert not (folder / "bench.csv").exists()  # only the sweep table
 
 
@@ -272,3 +280,45 @@ def test_step_flops_count_every_multiply_add_nested_layers_too(name, in_shape, c
     convolution's unfold method (im2col, whose eval pass keeps no unfold, batch-last) or nesting."""
     model = models.build(name, in_shape, classes, rng=np.random.default_rng(0))
     assert bench.step_flops(model, 64) == 3 * 2 * macs * 64
+
+
+def bench_row(model, threads, framework, **values):
+    return dict(model=model, threads=threads, framework=framework, **values)
+
+
+def test_targets_judge_each_measured_target_at_its_own_bound():
+    rows = [bench_row("simplenet", 1, "numexp", train_vs_torch=1.499, eval_vs_torch=1.6, gemm_share=0.6, peak_mb=150.0),
+            bench_row("simplenet", 1, "torch", train_vs_torch=1.0, eval_vs_torch=1.0, gemm_share=0.4, peak_mb=330.0),
+            bench_row("lenet5", 1, "numexp", train_vs_torch=1.1, eval_vs_torch=0.99),
+            bench_row("lenet5", 2, "numexp", train_vs_torch=1.0, eval_vs_torch=1.0),
+            bench_row("simple_convnet", 4, "numexp", train_vs_torch=0.999, eval_vs_torch=2.0),
+            bench_row("resnet_small", 1, "numexp", train_vs_torch=0.7, eval_vs_torch=0.5)]  # no targets
+    got = {(t["model"], t["threads"], t["metric"]): (t["target"], t["met"]) for t in bench.target_rows(rows)}
+    assert got == {
+        ("simplenet", 1, "train img/s vs torch"): (">= 1.5", False),
+        ("simplenet", 1, "eval img/s vs torch"): (">= 1", True),
+        ("simplenet", 1, "share of the GEMM rate in training"): (">= 0.6", True),
+        ("simplenet", 1, "peak memory, numexp / torch"): ("<= 1", True),
+        ("lenet5", 1, "train img/s vs torch"): (">= 1.1", True),
+        ("lenet5", 1, "eval img/s vs torch"): (">= 1", False),
+        ("lenet5", 2, "train img/s vs torch"): (">= 1", True),
+        ("lenet5", 2, "eval img/s vs torch"): (">= 1", True),
+        ("simple_convnet", 4, "train img/s vs torch"): (">= 1", False),
+        ("simple_convnet", 4, "eval img/s vs torch"): (">= 1", True),
+    }
+
+
+def test_targets_without_torch_keep_only_what_numexp_measures_alone(capsys):
+    rows = [bench_row("simplenet", 2, "numexp", train_vs_torch=math.nan, eval_vs_torch=math.nan, gemm_share=0.55,
+                      peak_mb=220.0)]
+    targets = bench.target_rows(rows)
+    assert [(t["metric"], t["met"]) for t in targets] == [("share of the GEMM rate in training", False)]
+    bench.print_targets(targets)
+    assert "0 of 1 met; 1 missed" in capsys.readouterr().out
+
+
+def test_sweep_target_reads_the_median_two_at_a_time():
+    rows = [dict(round=0, n_jobs=2, vs_one_at_a_time=0.5), dict(round="median", n_jobs=1, vs_one_at_a_time=1.0),
+            dict(round="median", n_jobs=2, vs_one_at_a_time=0.56)]
+    row = bench.sweep_target_row(rows)
+    assert (row["measured"], row["target"], row["met"]) == (0.56, "<= 0.55", False)
