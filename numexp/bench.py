@@ -19,7 +19,8 @@ times every top-level layer's forward and backward inside a training step, plus 
 optimizer step, for both frameworks: the next bottleneck is the largest row.
 
 Last it prints the engine's targets that the run measured (:data:`TRAIN_TARGETS` and the rest), each
-with its value and whether it was met, as ``bench_targets.csv``; ``--sweep`` prints the sweep's.
+with its value and whether it was met, and writes them to ``bench_targets.csv``; ``--sweep`` prints the
+sweep's target.
 
 Writes ``results/bench.csv``, ``results/bench_layers.csv``, ``results/bench_targets.csv`` and two charts
 beside them, ``bench.png`` (train and eval ratio numexp/torch) and ``bench_layers.png`` (per-layer ms).
