@@ -1070,8 +1070,7 @@ class ConvBN(Fused):
         return out
 
     def backward(self, dout):
-        x = self._cache
-        h = x
+        h = self._cache
         for layer in self.layers:
             h = layer.forward(h)
         for layer in reversed(self.layers):
