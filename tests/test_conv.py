@@ -111,7 +111,7 @@ def test_input_grad_by_convolution_is_col2im_product(k, padding):
     weight = rng.standard_normal((F, x_shape[1], k, k))
     w_taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1).reshape(k * k, F, -1))  # (k*k, F, C)
     expected = kernels.col2im_product(d, w_taps, x_shape, k, k, 1, padding)
-    np.testing.assert_allclose(kernels.input_grad_by_convolution(d, weight, x_shape, padding), expected, rtol=1e-12)
+    np.testing.assert_allclose(kernels.input_grad_by_convolution(d, weight, x_shape, padding), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("channels, pool, chunk_bytes", [(8, 1, 60000), (8, 2, 90000), (8, 2, 1), (2, 1, 10)])
