@@ -96,6 +96,7 @@ def test_hydra_settings(compose_cfg):
     assert h["sweep"]["subdir"] == "${hydra.job.num}"
     assert h["callbacks"]["collect_runs"]["_target_"] == "numexp.callbacks.CollectRuns"
     assert h["callbacks"]["check_before_start"]["_target_"] == "numexp.callbacks.CheckBeforeStart"
+    assert h["callbacks"]["start_workers"]["_target_"] == "numexp.workers.StartWorkers"
 
 
 def test_data_root_defaults_to_the_environment(compose_cfg, monkeypatch):
