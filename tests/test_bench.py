@@ -189,12 +189,15 @@ def test_sweep_times_both_launch_modes_and_reads_every_run(run_bench, capsys):
     args = ["data=digits", "model=softmax_regression", "epochs=1", "max_steps=2", "seed=0,1", "threads=1"]
     folder = run_bench("--sweep", "--sweep-args", *args)
     columns, rows = read_csv(folder / "bench_sweep.csv")
-    assert columns == ["round", "n_jobs", "runs", "wall_s", "run_wall_sum_s", "vs_one_at_a_time", "args"]
+    assert columns == ["round", "n_jobs", "runs", "wall_s", "run_wall_sum_s", "overhead_s", "vs_one_at_a_time", "args"]
     assert [(r["round"], r["n_jobs"]) for r in rows] == [("0", "1"), ("0", "2"), ("median", "1"), ("median", "2")]
     assert all(r["runs"] == "2" and float(r["wall_s"]) > float(r["run_wall_sum_s"]) / 2 > 0 for r in rows)
+    # what the sweep adds around its runs: the wall time less the runs' own, shared by n_jobs
+    assert all(float(r["overhead_s"]) == pytest.approx(float(r["wall_s"]) - float(r["run_wall_sum_s"]) / int(r["n_jobs"]),
+                                                       abs=0.01) for r in rows[:2])  # CSV keeps 4 digits
     assert float(rows[2]["vs_one_at_a_time"]) == 1.0 and rows[0]["args"] == " ".join(args)
     printed = capsys.readouterr().out
-    assert "two at a time:" in printed and "wall vs one at a time" in printed
+    assert "two at a time:" in printed and "wall vs one at a time" in printed and "s two at a time" in printed
     assert not (folder / "bench.csv").exists()  # only the sweep table
 
 
