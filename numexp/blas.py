@@ -25,23 +25,52 @@ _SYMBOLS = (("scipy_cblas_{}gemm64_", ctypes.c_int64), ("cblas_{}gemm64_", ctype
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _SCALARS = {np.dtype(np.float32): ("s", ctypes.c_float), np.dtype(np.float64): ("d", ctypes.c_double)}
 
+# OpenBLAS cores (openblas_get_corename, lower case) whose kernels include small-matrix GEMMs, and the
+# size up to which those take a GEMM (OpenBLAS's sgemm_small_kernel_permit for them: M*N*K <= 100**3)
+SMALL_KERNEL_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+SMALL_GEMM_MNK = 100 ** 3
+
 _state = {}  # "functions": {dtype: ctypes function}, "source": description; filled on first use
 
 
-def _openblas():
-    """(ctypes library, path) of the OpenBLAS NumPy uses, or (None, reason)."""
+def _openblas_info():
+    """threadpoolctl's description of the OpenBLAS NumPy uses, or None."""
     from threadpoolctl import threadpool_info
     libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
     if not libs:
-        return None, "NumPy's BLAS is not OpenBLAS"
+        return None
     # SciPy's wheels load a second OpenBLAS, and threadpoolctl lists the two in no fixed order: NumPy's
     # own is the one inside its installation (numpy.libs/, numpy/.dylibs/), where there is such a one
     site = os.path.dirname(os.path.dirname(np.__file__))
     libs.sort(key=lambda info: not os.path.relpath(info["filepath"], site).startswith("numpy"))
+    return libs[0]
+
+
+def _openblas():
+    """(ctypes library, path) of the OpenBLAS NumPy uses, or (None, reason)."""
+    info = _openblas_info()
+    if info is None:
+        return None, "NumPy's BLAS is not OpenBLAS"
     try:
-        return ctypes.CDLL(libs[0]["filepath"]), libs[0]["filepath"]
+        return ctypes.CDLL(info["filepath"]), info["filepath"]
     except OSError as err:
-        return None, f"cannot load {libs[0]['filepath']}: {err}"
+        return None, f"cannot load {info['filepath']}: {err}"
+
+
+def small_gemm_limit():
+    """The largest GEMM (M*N*K multiply-adds) that NumPy's OpenBLAS runs on its small-matrix kernels,
+    or 0 where it has none.
+
+    OpenBLAS's AVX-512 kernel sets (its SkylakeX, Cooperlake and SapphireRapids cores) multiply
+    matrices of at most 100**3 multiply-adds with kernels that skip packing the operands; its AVX2
+    (Haswell) kernels, which numexp picks on AMD Zen 4 (:mod:`numexp.kernels_choice`), have no such
+    path. The narrow GEMMs of few-channel convolutions are far larger than that and far faster cut
+    into pieces below it (:func:`numexp.kernels.matmul_pieces`)."""
+    if "small_gemm_limit" not in _state:
+        info = _openblas_info()
+        core = str((info or {}).get("architecture") or "").lower()
+        _state["small_gemm_limit"] = SMALL_GEMM_MNK if core in SMALL_KERNEL_CORES else 0
+    return _state["small_gemm_limit"]
 
 
 def _find_functions():

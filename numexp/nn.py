@@ -306,10 +306,11 @@ class Linear(Module):
 #   built a chunk of samples at a time in cache, forward and again for the weight gradient (6.3 -> 4.7 and 4.5 ->
 #   4.4); with at most NARROW_TAPS output channels F (the inner size of kernels.col2im_product's per-tap GEMMs) the
 #   input gradient is a flipped-kernel convolution in the same chunks (6.0 -> 4.6). resnet_small's training step
-#   75.4 -> 69.0 ms; SimpleNet's (conv2, F = 64, keeps no unfold but takes per-tap GEMMs) unchanged;
+#   75.4 -> 69.0 ms. SimpleNet's conv2 (F = 64) keeps no unfold either; its input gradient that way took 8.2 ms
+#   against 8.4 for per-tap GEMMs on AMD Zen 4 (Haswell kernels), 7.3 against 8.3 on a Xeon (AVX-512 kernels);
 # - on more BLAS threads one large GEMM splits better than chunks in cache (two threads: 4.8 against 5.8, 2.8
 #   against 6.2, 4.5 against 5.7), so the whole unfold is kept and the input gradient takes per-tap GEMMs.
-NARROW_TAPS = 32
+NARROW_TAPS = 64
 
 
 class Conv2d(Module):
@@ -419,6 +420,8 @@ class Conv2d(Module):
         d2 = (dout.transpose(0, 1, 3, 4, 2) if pool > 1 else kernels.channels_last(dout)).reshape(-1, F)
         if col is None:
             dw_rows = kernels.im2col_weight_grad(x, d2, k, k, self.stride, self.padding, pool)
+        elif blas.threads() == 1:  # narrow rows (conv1's 27): this orientation, in pieces, is faster
+            dw_rows = kernels.inner_matmul_pieces(col.T, d2).T
         else:
             dw_rows = d2.T @ col  # (F, k*k*C)
         self.grads["weight"] = dw_rows.reshape(F, k, k, -1).transpose(0, 3, 1, 2).copy()
@@ -476,7 +479,7 @@ class Conv2d(Module):
         w_rows = w.transpose(0, 2, 3, 1).reshape(F, -1)  # (F, k*k*C), matching col's rows (i, j, c)
         if self.training:
             col = kernels.im2col_batch_last(x, k, k, s, p, pool)
-            out = w_rows @ col
+            out = kernels.matmul_pieces(w_rows, col)
         else:  # nothing will need col: built and multiplied in chunks (a backward unfolds x again)
             col, out = None, kernels.batch_last_matmul(x, w_rows, k, k, s, p, pool)
         if b is not None:
@@ -495,7 +498,8 @@ class Conv2d(Module):
             dout = kernels.pool_blocks(dout, pool)
         # (F, columns of col); free for the gradient of our own output, which keeps its memory order
         d = np.ascontiguousarray(dout.transpose((2, 0, 3, 4, 1) if pool > 1 else (1, 2, 3, 0))).reshape(F, -1)
-        self.grads["weight"] = (d @ col.T).reshape(F, k, k, C).transpose(0, 3, 1, 2).copy()
+        dw_rows = kernels.inner_matmul_pieces(col, d.T).T  # (F, k*k*C)
+        self.grads["weight"] = dw_rows.reshape(F, k, k, C).transpose(0, 3, 1, 2).copy()
         if "bias" in self.params:
             self.grads["bias"] = d.sum(axis=1)
         if not self.needs_input_grad:

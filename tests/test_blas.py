@@ -91,3 +91,20 @@ def test_numpys_openblas_is_chosen_whatever_order_threadpoolctl_lists_them(monke
     for order in (infos, infos[::-1]):
         monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda order=order: list(order))
         assert blas._openblas()[1] == numpys[0]
+
+
+@pytest.mark.parametrize("core, limit", [("SkylakeX", blas.SMALL_GEMM_MNK), ("SapphireRapids", blas.SMALL_GEMM_MNK),
+                                         ("Cooperlake", blas.SMALL_GEMM_MNK), ("Haswell", 0), ("Zen", 0), (None, 0)])
+def test_small_gemm_limit_follows_the_openblas_kernels_in_use(core, limit, monkeypatch):
+    """Only OpenBLAS's AVX-512 cores have small-matrix kernels; AVX2 ones, and other BLAS, get no pieces."""
+    monkeypatch.setattr(blas, "_openblas_info", lambda: None if core is None else {"architecture": core})
+    monkeypatch.setattr(blas, "_state", {})  # this process's own answer comes back afterwards
+    assert blas.small_gemm_limit() == limit
+    monkeypatch.setattr(blas, "_openblas_info", lambda: pytest.fail("asked twice"))
+    assert blas.small_gemm_limit() == limit  # remembered
+
+
+def test_small_gemm_limit_of_this_process_names_its_kernels():
+    info = blas._openblas_info()
+    core = (info or {}).get("architecture")
+    assert blas.small_gemm_limit() == (blas.SMALL_GEMM_MNK if str(core).lower() in blas.SMALL_KERNEL_CORES else 0)

@@ -19,16 +19,21 @@ CASES = [  # (shape, out_channels, kernel, stride, padding)
 ]
 
 
-@pytest.mark.parametrize("method", ["im2col", "im2col-slice-adds", "im2col-two-blas-threads", "taps", "batch_last"])
+@pytest.mark.parametrize("method", ["im2col", "im2col-slice-adds", "im2col-two-blas-threads", "im2col-pieces", "taps",
+                                    "batch_last", "batch_last-pieces"])
 @pytest.mark.parametrize("shape,f,k,stride,padding", CASES)
 def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, padding, method, monkeypatch):
     """"im2col-slice-adds": the input gradient by kernels.col2im_product at stride 1 too, as for
     layers with more than nn.NARROW_TAPS output channels; "im2col-two-blas-threads": the whole unfold
-    kept and per-tap GEMMs, as on more than one BLAS thread."""
+    kept and per-tap GEMMs, as on more than one BLAS thread; "-pieces": GEMMs cut into pieces of at
+    most 1000 multiply-adds, as for OpenBLAS's small-matrix kernels (kernels.matmul_pieces)."""
     if method == "im2col-slice-adds":
         monkeypatch.setattr(nn, "NARROW_TAPS", 0)
     # the unfolding follows the BLAS threads (nn.NARROW_TAPS): one unless said, whatever this machine has
     monkeypatch.setattr(blas, "threads", lambda: 2 if method == "im2col-two-blas-threads" else 1)
+    # and the pieces the BLAS's small-matrix kernels: none unless said
+    monkeypatch.setattr(blas, "small_gemm_limit", lambda: 1000 if method.endswith("-pieces") else 0)
+    monkeypatch.setattr(kernels, "MIN_PIECE", 1)
     method = method.split("-")[0]
     rng = np.random.default_rng(0)
     fast = nn.Conv2d(shape[1], f, k, stride, padding, method=method, rng=np.random.default_rng(1))
@@ -41,6 +46,39 @@ def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, pad
     assert rel_error(fast.backward(dout), naive.backward(dout)) < 1e-5
     for name in ("weight", "bias"):
         assert rel_error(fast.grads[name], naive.grads[name]) < 1e-5
+
+
+def count_matmuls(monkeypatch):
+    calls = []
+    matmul = np.matmul
+    monkeypatch.setattr(np, "matmul", lambda *args, **kwargs: calls.append(1) or matmul(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("a_shape, b_shape, pieces", [((6, 25), (25, 1000), 4), ((1000, 25), (25, 6), 4),
+                                                       ((6, 25), (25, 300), 1), ((6, 25), (25, 1000), 1)])
+def test_matmul_pieces_cuts_the_longer_side_below_the_limit(a_shape, b_shape, pieces, monkeypatch):
+    """Pieces of 300 columns (or rows) at a limit of 6*25*300: three of 300 and one of 100; one product
+    when it fits whole, or (last case) when pieces would be shorter than MIN_PIECE."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
+    limit = 6 * 25 * (300 if pieces > 1 or b_shape[1] == 300 else 100)
+    out = np.full((a_shape[0], b_shape[1]), np.nan)
+    calls = count_matmuls(monkeypatch)
+    assert kernels.matmul_pieces(a, b, out=out, limit=limit) is out
+    assert len(calls) == pieces
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)
+    assert kernels.matmul_pieces(a, b, limit=0).shape == out.shape and len(calls) == pieces + 1
+
+
+def test_inner_matmul_pieces_sums_the_products_of_pieces_of_the_inner_size(monkeypatch):
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((6, 1000)), rng.standard_normal((1000, 25))
+    calls = count_matmuls(monkeypatch)
+    got = kernels.inner_matmul_pieces(a, b, limit=6 * 25 * 300)  # 300, 300, 300 and 100 of the 1000
+    np.testing.assert_allclose(got, a @ b, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 4
+    np.testing.assert_allclose(kernels.inner_matmul_pieces(a, b, limit=0), a @ b, rtol=1e-12, atol=1e-12)
 
 
 def test_col2im_product_is_the_adjoint_of_im2col_times_weights():
