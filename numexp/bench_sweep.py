@@ -7,9 +7,9 @@ run's own ``wall_seconds`` from its summary.json, so the ratio splits into what 
 to each other (they share the memory bus and the L3 cache) and what the sweep adds around them
 (``overhead_s``: start-up, composing and validating every job's config, starting the workers,
 runs.csv; about 1.5 s on this 2-core machine).
-The default runs are SimpleConvNet on MNIST for 10 epochs (8-9 s each) when ``$NUMEXP_DATA_ROOT``
+The default runs are SimpleConvNet on MNIST for 10 epochs (7.5-9 s each) when ``$NUMEXP_DATA_ROOT``
 holds MNIST, else on the embedded digits for 100 epochs; ``--sweep-args`` replaces them. Runs of a
-few seconds measure mostly that overhead: with 3 epochs (2.6 s a run) the same sweep took 0.58-0.60x.
+few seconds measure mostly that overhead: with 3 epochs (2.6 s a run) the same sweep took 0.58-0.61x.
 """
 import json
 import os
