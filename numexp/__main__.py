@@ -3,6 +3,7 @@
 VERB in runs, report, predict, eval, summary, status, plan is ``python -m numexp.VERB ...``."""
 import importlib
 import os
+import signal
 import sys
 from concurrent.futures import BrokenExecutor
 
@@ -33,9 +34,22 @@ def main():
     if "+plan=true" in sys.argv[1:]:  # `numexp -m ... +plan=true` is `numexp plan ...`
         sys.exit(COMMANDS["plan"](sys.argv[1:]))
     config.register()
+    stop_on_sigterm()
     # the task lives in an importable module: joblib's workers unpickle it by reference
     app = hydra.main(version_base="1.3", config_path="pkg://numexp.conf", config_name="config")(trainer.task)
     run_reporting_user_errors(app)
+
+
+def stop_on_sigterm():
+    """Make SIGTERM (``kill``, ``timeout``, a scheduler stopping the job) end this process as Ctrl-C does.
+
+    By default it ends this process alone: a run would leave no summary, and a sweep's joblib workers
+    would go on with their runs and then sit idle, the other runs never started and no runs.csv. As
+    an interrupt, the run records itself as interrupted (its last epoch's state kept for
+    ``resume=true``), and a sweep's joblib stops its workers before runs.csv is written."""
+    def interrupt(signum, frame):
+        raise trainer.Terminated(signum)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 # a bad command line or output folder: one line on stderr, exit code 2, no traceback
@@ -61,6 +75,8 @@ def run_reporting_user_errors(app):
         callbacks.exit_after_worker_death(e)
     except trainer.StopSweep as e:  # a run failed under fail_fast=true
         callbacks.exit_after_fail_fast(e)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (stop_on_sigterm)
+        callbacks.exit_after_interrupt(e)
 
 
 if __name__ == "__main__":

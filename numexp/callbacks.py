@@ -4,6 +4,7 @@ Hydra turns an exception raised in a callback into a warning and carries on, so 
 that must stop the command raises ``SystemExit``.
 """
 import re
+import signal
 import sys
 
 from hydra.experimental.callback import Callback
@@ -85,6 +86,22 @@ def exit_after_fail_fast(error):
     if active_sweep_dir is None:
         raise error
     exit_stopped_sweep(f"{error}; fail_fast=true stops the sweep there")
+
+
+def exit_after_interrupt(error):
+    """Ctrl-C or SIGTERM (:class:`numexp.trainer.Terminated`) stopped the command; in a multirun joblib
+    has already stopped the workers. Write runs.csv of what there is (a sweep), one line on how to
+    go on, and exit with 128 + the signal's number, as a shell reports a process it stopped."""
+    signum = getattr(error, "signum", signal.SIGINT)
+    cause = str(error) or "interrupted (Ctrl-C)"
+    if active_sweep_dir is None:
+        print(f"numexp: error: {cause}; an interrupted run keeps its last finished epoch: run the same command "
+              f"with resume=true to continue it", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    try:
+        exit_stopped_sweep(cause)
+    except SystemExit:
+        raise SystemExit(128 + signum) from None
 
 
 def exit_stopped_sweep(cause):

@@ -50,6 +50,14 @@ class InjectedFault(RuntimeError):
     """Raised on purpose through ``$NUMEXP_INJECT_FAULT`` (tests only)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be (:func:`numexp.__main__.stop_on_sigterm`)."""
+
+    def __init__(self, signum=signal.SIGTERM):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 class StopSweep(BaseException):
     """A multirun job's run failed under ``fail_fast=true``: stop the sweep.
 
@@ -137,8 +145,8 @@ def train(cfg, out_dir=None):
     except Exception as e:
         log.exception("run failed")  # an unexpected error: keep the traceback in the run's log
         summary["status"], summary["error"] = "failed", f"{type(e).__name__}: {e}"
-    except KeyboardInterrupt:
-        _fail(summary, "interrupted", "interrupted by the user")
+    except KeyboardInterrupt as e:
+        _fail(summary, "interrupted", str(e) or "interrupted by the user")
         raise
     finally:
         if trainer is not None:
