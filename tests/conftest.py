@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,15 @@ def shared_data():
     if not root.is_dir():
         pytest.skip(f"no shared data at {root} (set NUMEXP_DATA_ROOT)")
     return root
+
+
+def wait_while_running(proc, condition, timeout=120, poll=0.002):
+    """Return as soon as ``condition()`` holds, failing if ``proc`` ends first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the process ended before the condition held:\n{proc.communicate()[1]}"
+        assert time.monotonic() < deadline
+        time.sleep(poll)
 
 
 def cli_env(**extra):

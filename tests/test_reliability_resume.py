@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import TINY, cli_env
+from conftest import TINY, cli_env, wait_while_running
 from numexp import nn, rundir, trainer
 
 # BatchNorm buffers, momentum, the dynamic schedule's best-model restores, random crops
@@ -42,11 +41,7 @@ def start(run_dir, *args, env=None):
 
 def kill_when(proc, condition, timeout=120):
     """SIGKILL ``proc`` as soon as ``condition()`` holds (polled every 2 ms)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.communicate()[1]}"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
+    wait_while_running(proc, condition, timeout)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL

@@ -10,7 +10,7 @@ import time
 
 import pandas as pd
 
-from conftest import cli_env
+from conftest import cli_env, wait_while_running
 
 # long enough to be stopped in the middle (about 9 ms an epoch here), short enough to resume
 LONG = ["model=mlp", "model.hidden=[16]", "optim=sgd", "schedule=fixed", "epochs=300"]
@@ -19,14 +19,6 @@ LONG = ["model=mlp", "model.hidden=[16]", "optim=sgd", "schedule=fixed", "epochs
 def start(*args):
     return subprocess.Popen([sys.executable, "-m", "numexp", *args], env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(proc, condition, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"numexp ended before it could be stopped:\n{proc.communicate()[1]}"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
 
 
 def status(run_dir):
@@ -47,7 +39,7 @@ def alive(pid):
 def test_sigterm_records_the_run_as_interrupted_and_resume_finishes_it(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(*LONG, f"hydra.run.dir={run_dir}")
-    wait_for(proc, lambda: status(run_dir).get("epoch", 0) >= 2)
+    wait_while_running(proc, lambda: status(run_dir).get("epoch", 0) >= 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
@@ -69,7 +61,7 @@ def test_sigterm_stops_a_sweeps_workers_and_still_writes_runs_csv(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = start("-m", *LONG, "epochs=1000", "seed=0,1,2", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}")
     runs = [sweep_dir / "0", sweep_dir / "1"]
-    wait_for(proc, lambda: all(status(run).get("epoch", 0) >= 1 for run in runs))
+    wait_while_running(proc, lambda: all(status(run).get("epoch", 0) >= 1 for run in runs))
     workers = {status(run)["pid"] for run in runs}
     assert proc.pid not in workers and len(workers) == 2
     proc.send_signal(signal.SIGTERM)  # to numexp's own process only, not its workers
@@ -96,7 +88,7 @@ def test_ctrl_c_on_a_sweep_ends_it_with_one_line_and_runs_csv(tmp_path):
                              "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}"], env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     runs = [sweep_dir / "0", sweep_dir / "1"]
-    wait_for(proc, lambda: all(status(run).get("epoch", 0) >= 1 for run in runs))
+    wait_while_running(proc, lambda: all(status(run).get("epoch", 0) >= 1 for run in runs))
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
