@@ -451,9 +451,7 @@ def _receive(conn):
 def _serve(conn, parent_end, model, grads, batch_norms):
     """The replica process: answer forward and backward requests until told to stop or orphaned."""
     parent_end.close()  # so that the parent's death ends our reads
-    # Ctrl-C and SIGTERM (numexp.__main__.stop_on_sigterm) are the parent's to handle: it stops us
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threadpool_limits(1)
     follower = _FollowerSync(conn)
     for bn in batch_norms:
