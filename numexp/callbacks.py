@@ -98,17 +98,14 @@ def exit_after_interrupt(error):
         print(f"numexp: error: {cause}; an interrupted run keeps its last finished epoch: run the same command "
               f"with resume=true to continue it", file=sys.stderr)
         raise SystemExit(128 + signum)
-    try:
-        exit_stopped_sweep(cause)
-    except SystemExit:
-        raise SystemExit(128 + signum) from None
+    exit_stopped_sweep(cause, code=128 + signum)
 
 
-def exit_stopped_sweep(cause):
+def exit_stopped_sweep(cause, code=1):
     """The sweep ended early, so Hydra skips ``on_multirun_end``: write runs.csv and the summary
-    here, then one line with the cause and how to continue; exit code 1."""
+    here, then one line with the cause and how to continue; exit with ``code``."""
     path, table = sweep.write_runs_csv(active_sweep_dir)
     sweep.report(table, path)
     print(f"numexp: error: {cause}; completed runs are kept: run the same command with resume=true to "
           f"continue the others", file=sys.stderr)
-    raise SystemExit(1)
+    raise SystemExit(code)
