@@ -452,6 +452,10 @@ def _serve(conn, parent_end, model, grads, batch_norms):
     """The replica process: answer forward and backward requests until told to stop or orphaned."""
     parent_end.close()  # so that the parent's death ends our reads
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # SIGTERM kills us quietly, as before the run's handler (numexp.__main__.stop_on_sigterm) was
+    # inherited: a scheduler's SIGTERM to the whole job then gives the run's one line, not our
+    # traceback too. Not ignored: multiprocessing ends leftover daemonic children with SIGTERM at exit.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threadpool_limits(1)
     follower = _FollowerSync(conn)
     for bn in batch_norms:

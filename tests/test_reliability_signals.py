@@ -97,3 +97,19 @@ def test_ctrl_c_on_a_sweep_ends_it_with_one_line_and_runs_csv(tmp_path):
         "continue the others")
     table = pd.read_csv(sweep_dir / "runs.csv")
     assert list(table["seed"]) == [0, 1] and set(table["status"]) <= {"interrupted", "incomplete"}
+
+
+def test_sigterm_to_a_run_with_replicas_and_all_its_processes_ends_it_with_one_line(tmp_path):
+    """As a scheduler does: every process of the job gets SIGTERM; the run ends with its one line, the
+    replicas die quietly (no traceback of theirs) and the summary says interrupted."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "numexp", *LONG, "threads=2", f"hydra.run.dir={run_dir}"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_while_running(proc, lambda: status(run_dir).get("epoch", 0) >= 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert "stopped by SIGTERM" in err, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["parallel"]["replicas"] == 2
