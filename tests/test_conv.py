@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from numexp import blas, kernels, nn
+from numexp import blas, kernels, nn, winograd
 from numexp.gradcheck import rel_error
 
 CASES = [  # (shape, out_channels, kernel, stride, padding)
@@ -16,21 +16,23 @@ CASES = [  # (shape, out_channels, kernel, stride, padding)
     ((2, 3, 11, 10), 4, 5, 2, 1),  # odd sizes, stride 2, padding 1
     ((1, 2, 6, 6), 3, 3, 2, 2),
     ((2, 8, 6, 7), 3, 3, 1, 1),   # im2col rows of 72 values: the unfold built again for the weight gradient
+    ((3, 16, 4, 6), 5, 3, 1, 1),  # even sizes: Winograd applies
 ]
 
 
 @pytest.mark.parametrize("method", ["im2col", "im2col-slice-adds", "im2col-two-blas-threads", "im2col-pieces", "taps",
-                                    "batch_last", "batch_last-pieces"])
+                                    "batch_last", "batch_last-pieces", "winograd", "winograd-two-blas-threads"])
 @pytest.mark.parametrize("shape,f,k,stride,padding", CASES)
 def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, padding, method, monkeypatch):
     """"im2col-slice-adds": the input gradient by kernels.col2im_product at stride 1 too, as for
     layers with more than nn.NARROW_TAPS output channels; "im2col-two-blas-threads": the whole unfold
     kept and per-tap GEMMs, as on more than one BLAS thread; "-pieces": GEMMs cut into pieces of at
-    most 1000 multiply-adds, as for OpenBLAS's small-matrix kernels (kernels.matmul_pieces)."""
+    most 1000 multiply-adds, as for OpenBLAS's small-matrix kernels (kernels.matmul_pieces); "winograd":
+    where it applies (3x3, stride 1, padding 1, even sizes, one BLAS thread), else im2col."""
     if method == "im2col-slice-adds":
         monkeypatch.setattr(nn, "NARROW_TAPS", 0)
     # the unfolding follows the BLAS threads (nn.NARROW_TAPS): one unless said, whatever this machine has
-    monkeypatch.setattr(blas, "threads", lambda: 2 if method == "im2col-two-blas-threads" else 1)
+    monkeypatch.setattr(blas, "threads", lambda: 2 if method.endswith("-two-blas-threads") else 1)
     # and the pieces the BLAS's small-matrix kernels: none unless said
     monkeypatch.setattr(blas, "small_gemm_limit", lambda: 1000 if method.endswith("-pieces") else 0)
     monkeypatch.setattr(kernels, "MIN_PIECE", 1)
@@ -46,6 +48,8 @@ def test_im2col_conv_matches_naive_forward_and_backward(shape, f, k, stride, pad
     assert rel_error(fast.backward(dout), naive.backward(dout)) < 1e-5
     for name in ("weight", "bias"):
         assert rel_error(fast.grads[name], naive.grads[name]) < 1e-5
+    applies = (k, stride, padding) == (3, 1, 1) and shape[2] % 2 == 0 == shape[3] % 2
+    assert isinstance(fast._cache[1], str) == (method == "winograd" and blas.threads() == 1 and applies)
 
 
 def count_matmuls(monkeypatch):
@@ -193,7 +197,7 @@ def test_conv_keeps_the_unfold_only_where_its_blas_threads_gain_from_it(blas_thr
     """Stride 1, rows of 144 values: on one BLAS thread no unfold is kept, in training or eval; on two
     the whole unfold is (its one large GEMM splits better over threads than chunks in cache)."""
     rng = np.random.default_rng(3)
-    conv = nn.Conv2d(16, 8, 3, padding=1, rng=rng)
+    conv = nn.Conv2d(16, 8, 3, padding=1, method="im2col", rng=rng)
     x = rng.standard_normal((4, 16, 6, 6)).astype(np.float32)
     with threadpool_limits(blas_threads, user_api="blas"):
         if blas.threads() != blas_threads:
@@ -212,8 +216,7 @@ def test_conv_in_eval_mode_keeps_no_unfold_and_backward_still_works(monkeypatch)
     monkeypatch.setattr(blas, "threads", lambda: 1)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((32, 16, 16, 16)).astype(np.float32)
-    conv = nn.Conv2d(16, 32, 3, padding=1, rng=rng)
-    assert conv.method == "im2col"
+    conv = nn.Conv2d(16, 32, 3, padding=1, method="im2col", rng=rng)
     dout = rng.standard_normal((32, 32, 16, 16)).astype(np.float32)
     trained = conv.forward(x)
     expected = [conv.backward(dout), dict(conv.grads)]
@@ -395,3 +398,45 @@ def test_eval_conv_bn_runs_folded_with_the_layers_own_gradients(method, bias, re
             assert np.array_equal(grads[id(layer)][key], grad), (type(layer).__name__, key)
     assert all(np.array_equal(p, before[0][name]) for name, p in seq.state_dict().items())
     assert np.array_equal(x, before[1])
+
+
+@pytest.mark.parametrize("chunk_samples", [1, 2])
+@pytest.mark.parametrize("pool", [1, 2])
+@pytest.mark.parametrize("dout_layout", ["as-returned", "image"])
+def test_winograd_conv_matches_naive_in_float64_in_chunks_and_pool_blocks(chunk_samples, pool, dout_layout, monkeypatch):
+    """Three samples in chunks of one or two (the last chunk short), the output whole or as 2x2 pool blocks
+    (its tiles), and a gradient in the returned layout or as a plain (N, F, H, W) image (a pool-first group
+    that declined the blocks): exact up to float64 rounding."""
+    monkeypatch.setattr(blas, "threads", lambda: 1)
+    shape, f = (3, 5, 6, 8), 4
+    per_sample = 16 * (shape[2] // 2) * (shape[3] // 2) * (shape[1] + f) * 8  # float64 bytes of a chunk's arrays
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", per_sample * chunk_samples)
+    rng = np.random.default_rng(11)
+    fast = nn.Conv2d(shape[1], f, 3, 1, 1, method="winograd", rng=np.random.default_rng(1))
+    naive = nn.Conv2d(shape[1], f, 3, 1, 1, method="naive", rng=np.random.default_rng(1))
+    for layer in (fast, naive):
+        layer.params = {k: v.astype(np.float64) for k, v in layer.params.items()}
+    x = rng.standard_normal(shape)
+    fast.pool_blocks = pool
+    out = fast(x)
+    assert fast._cache[1] == "winograd" and out.shape == ((4, 3, f, 3, 4) if pool == 2 else (3, f, 6, 8))
+    expected = naive(x)
+    image = kernels.unpool_blocks(out, 2) if pool == 2 else out
+    np.testing.assert_allclose(image, expected, rtol=1e-12, atol=1e-12)
+    dout_image = rng.standard_normal(expected.shape)
+    if dout_layout == "image" or pool == 1:
+        dout = dout_image
+    else:  # the blocks' own memory layout, as a pool-first group sends them back
+        dout = np.empty_like(out)
+        dout[...] = kernels.pool_blocks(dout_image, 2)
+    np.testing.assert_allclose(fast.backward(dout), naive.backward(dout_image), rtol=1e-12, atol=1e-12)
+    for name in ("weight", "bias"):
+        np.testing.assert_allclose(fast.grads[name], naive.grads[name], rtol=1e-12, atol=1e-12)
+
+
+def test_auto_picks_winograd_for_3x3_same_convolutions_from_32_input_channels():
+    assert nn.Conv2d(32, 64, 3, padding=1).method == "winograd"  # SimpleNet's conv2
+    assert nn.Conv2d(3, 32, 3, padding=1).method == "im2col"     # its conv1: measured slower as Winograd
+    assert nn.Conv2d(16, 16, 3, padding=1).method == "im2col"    # resnet_small's first layers: as slow
+    assert nn.Conv2d(32, 64, 3, stride=2, padding=1).method == "im2col"
+    assert nn.Conv2d(32, 64, 5, padding=2).method == "im2col"

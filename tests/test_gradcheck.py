@@ -54,13 +54,16 @@ def test_linear_gradients_match_finite_differences(row_blocks, monkeypatch):
 
 @pytest.mark.parametrize("k,stride,padding,shape", [
     (3, 1, 1, (2, 3, 6, 5)), (3, 2, 0, (2, 2, 7, 7)), (5, 1, 2, (1, 2, 6, 6)), (1, 1, 0, (2, 3, 4, 3)),
-    (3, 2, 1, (1, 1, 5, 8)),
+    (3, 2, 1, (1, 1, 5, 8)), (3, 1, 1, (3, 2, 4, 6)),
 ])
-@pytest.mark.parametrize("method", ["im2col", "batch_last", "naive"])
-def test_conv2d_gradients_match_finite_differences(k, stride, padding, shape, method):
+@pytest.mark.parametrize("method", ["im2col", "batch_last", "winograd", "naive"])
+def test_conv2d_gradients_match_finite_differences(k, stride, padding, shape, method, monkeypatch):
+    monkeypatch.setattr(nn.blas, "threads", lambda: 1)  # Winograd runs on one BLAS thread only
     rng = np.random.default_rng(1)
     layer = nn.Conv2d(shape[1], 4, k, stride, padding, method=method, rng=rng)
     check_layer(layer, rng.standard_normal(shape), rng)
+    if method == "winograd":  # ran as such where it applies, else as im2col
+        assert isinstance(layer._cache[1], str) == ((k, stride, padding) == (3, 1, 1) and shape[2] % 2 == 0 == shape[3] % 2)
 
 
 @pytest.mark.parametrize("layer_cls,k,stride", [

@@ -148,6 +148,7 @@ CONV_CASES = [  # (input shape, out_channels, kernel, stride, padding, bias)
     ((2, 4, 5, 7), 2, 1, 1, 0, False),   # kernel 1, no bias
     ((2, 3, 11, 10), 4, 5, 2, 1, True),  # odd sizes, stride 2, padding 1
     ((1, 2, 6, 9), 3, 3, 2, 2, False),   # padding 2 with stride 2, no bias
+    ((3, 2, 6, 8), 4, 3, 1, 1, True),    # even sizes: Winograd applies
     ((2, 3, 6, 5), 2, 1, 2, 1, True),    # kernel 1 with stride 2 and padding 1
 ]
 
@@ -156,12 +157,16 @@ CONV_CASES = [  # (input shape, out_channels, kernel, stride, padding, bias)
 @pytest.mark.parametrize("shape,f,k,stride,padding,bias", CONV_CASES,
                          ids=[f"{'x'.join(map(str, c[0]))}-f{c[1]}-k{c[2]}-s{c[3]}-p{c[4]}-{'bias' if c[5] else 'nobias'}"
                               for c in CONV_CASES])
-def test_conv2d_matches_torch(shape, f, k, stride, padding, bias, method):
+def test_conv2d_matches_torch(shape, f, k, stride, padding, bias, method, monkeypatch):
+    monkeypatch.setattr(blas, "threads", lambda: 1)  # Winograd runs on one BLAS thread only
     rng = np.random.default_rng(1)
     layer = nn.Conv2d(shape[1], f, k, stride, padding, bias=bias, method=method, rng=rng)
     t = as_torch(layer)
     out = check_forward_backward(layer, t, rng.standard_normal(shape), rng, f"Conv2d[{method}]")
     assert out.shape[1:] == layer.output_shape(shape[1:])
+    if method == "winograd":  # where it applies, not the im2col it falls back to
+        assert isinstance(layer._cache[1], str) == (k == 3 and stride == 1 and padding == 1 and shape[2] % 2 == 0
+                                                    and shape[3] % 2 == 0)
 
 
 @pytest.mark.parametrize("k,stride", [(2, 2), (3, 2), (3, 1), (2, 1)])
@@ -207,7 +212,7 @@ def test_bn_relu_maxpool_pooled_first_matches_torch(shape, gamma, mode):
 @pytest.mark.parametrize("shape", [(4, 2, 8, 8), (4, 8, 8, 8), (4, 2, 7, 9)], ids=["tiled", "tiled-wide", "floor-mode"])
 @pytest.mark.parametrize("gamma", ["positive", "one-negative", "no-bn"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("method", ["im2col", "taps", "batch_last"])
+@pytest.mark.parametrize("method", ["im2col", "taps", "batch_last", "winograd"])
 def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode, method, monkeypatch):
     """Conv2d -> [BatchNorm2d ->] ReLU -> MaxPool2d(2): where the windows tile the conv's output, the
     conv hands it over in pool blocks (Conv2d.pool_blocks) to the pool-first group, which sends the
@@ -239,6 +244,8 @@ def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode, method, 
     assert conv._cache[-1] == (2 if tiled else 1)  # the conv's layout; the group may decline it
     if method == "im2col":
         assert (conv._cache[1] is None) == (shape[1] == 8 or mode == "eval")  # the unfold kept or not
+    if method == "winograd":  # its tiles are the pool blocks; odd sizes fall back to im2col
+        assert isinstance(conv._cache[1], str) == tiled  # ("winograd", ...) in the cache
     steps = [type(step).__name__ for step in seq._ran]
     if gamma == "one-negative":
         assert steps == ["Conv2d", "BatchNorm2d", "PoolFirst", "Flatten"]
