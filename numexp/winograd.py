@@ -46,13 +46,16 @@ def transform_weights(w):
     return (WEIGHT.astype(w.dtype) @ taps).reshape(16, C, F)  # SimpleNet's conv2: einsum 0.30, this 0.03 ms
 
 
-def conv(x, u, layout="blocks"):
+def conv(x, u, layout="blocks", keep=False):
     """The convolution (padding 1) of x (N, C, H, W), any memory layout, with transformed weights u
     (16, C, F): as tiles (2, 2, N, H/2, W/2, F) in their own C-contiguous memory (``"blocks"``), or as an
-    (N, H, W, F) channels-last image (``"image"``)."""
-    N, _, H, W = x.shape
+    (N, H, W, F) channels-last image (``"image"``); and, with ``keep``, the transformed input tiles
+    (16, N*H/2*W/2, C) for :func:`weight_grad`, else None."""
+    N, C, H, W = x.shape
     xp = kernels.pad_nhwc(kernels.channels_last(x), 1)
-    return _convolve(_tiles(xp), u, _output(N, H, W, u.shape[2], np.result_type(x, u), layout))
+    dtype = np.result_type(x, u)
+    v = np.empty((16, N * (H // 2) * (W // 2), C), dtype=dtype) if keep else None
+    return _convolve(_tiles(xp), u, _output(N, H, W, u.shape[2], dtype, layout), v), v
 
 
 def input_grad(dy, w):
@@ -68,19 +71,25 @@ def input_grad(dy, w):
     return _convolve(_tiles(dp), u, _output(N, 2 * th, 2 * tw, w.shape[1], u.dtype, "image"))
 
 
-def weight_grad(x, dy):
+def weight_grad(x, dy, v=None):
     """The weight gradient (F, C, 3, 3) of :func:`conv` of x (N, C, H, W) from the output gradient's tiles
-    dy (2, 2, N, H/2, W/2, F): ``G^T [sum over tiles of (B^T d B) * (A dy A^T)] G`` per channel pair."""
-    tiles = _tiles(kernels.pad_nhwc(kernels.channels_last(x), 1))
-    N, C, F = tiles.shape[2], tiles.shape[5], dy.shape[-1]
+    dy (2, 2, N, H/2, W/2, F): ``G^T [sum over tiles of (B^T d B) * (A dy A^T)] G`` per channel pair.
+    v: the transformed input tiles that :func:`conv` kept, or None to transform x again."""
+    N, C, H, W = x.shape
+    F, per_sample = dy.shape[-1], (H // 2) * (W // 2)
+    tiles = _tiles(kernels.pad_nhwc(kernels.channels_last(x), 1)) if v is None else None
     dtype = np.result_type(x, dy)
     out_t = np.ascontiguousarray(OUTPUT.T.astype(dtype))
     du, part = np.zeros((16, C, F), dtype=dtype), np.empty((16, C, F), dtype=dtype)
-    for n, chunk in _chunks(tiles, F, dtype, dy=True):
-        v = chunk.transform_input(tiles[:, :, n:n + chunk.samples])
-        np.copyto(chunk.dy, dy[:, :, n:n + chunk.samples])
+    for n, chunk in _chunks((4, 4, N, H // 2, W // 2, C), F, dtype, dy=True):
+        s = chunk.samples
+        if v is None:
+            v_t = chunk.transform_input(tiles[:, :, n:n + s]).transpose(0, 2, 1)
+        else:
+            v_t = _kept(v, n, s, per_sample)[0].transpose(0, 2, 1)
+        np.copyto(chunk.dy, dy[:, :, n:n + s])
         np.matmul(out_t, chunk.dy_rows, out=chunk.m_rows)  # A dy A^T of every tile
-        du += np.matmul(chunk.v_t, chunk.m, out=part)
+        du += np.matmul(v_t, chunk.m, out=part)
     taps = WEIGHT.T.astype(dtype) @ du.reshape(16, C * F)  # vec(G^T m G) = kron(G, G)^T vec(m)
     return np.ascontiguousarray(taps.reshape(3, 3, C, F).transpose(3, 2, 0, 1))
 
@@ -109,6 +118,13 @@ def _output(N, H, W, F, dtype, layout):
     return image, image_tiles(image)
 
 
+def _kept(v, n, samples, per_sample):
+    """(part, its (4, 4, tiles * C) view) of the transformed tiles v (16, N*per_sample, C) of ``samples``
+    samples from sample n."""
+    part = v[:, n * per_sample:(n + samples) * per_sample]
+    return part, part.reshape(4, 4, -1)
+
+
 class _Chunk:
     """The arrays that the transforms and products of ``samples`` samples' tiles reuse, and the views
     they are written through, made once: a sample's work takes tens of microseconds, a view one.
@@ -126,27 +142,29 @@ class _Chunk:
         self.half = np.empty((4, 4, T * C), dtype=dtype)  # B^T over the tiles' rows
         self.half_rows = self.half.reshape(4, -1)
         self.v = np.empty((16, T, C), dtype=dtype)
-        self.v_cols, self.v_t = self.v.reshape(4, 4, T * C), self.v.transpose(0, 2, 1)
+        self.v_cols = self.v.reshape(4, 4, T * C)
         self.m = np.empty((16, T, F), dtype=dtype)
         self.m_rows = self.m.reshape(16, -1)
         self.dy = np.empty((2, 2, samples, th, tw, F), dtype=dtype) if dy else None
         self.dy_rows = self.dy.reshape(4, -1) if dy else None
         self._b_t = B_T.astype(dtype)
 
-    def transform_input(self, tiles):
+    def transform_input(self, tiles, into=None):
         """v = ``B^T d B`` of every tile d in ``tiles`` (this chunk's samples), as two products with B^T:
         over the tiles' rows, then their columns. One product with kron(B^T, B^T) (16 x 16) made twice the
-        multiply-adds: for 64 channels of 64 tiles 33 against 18 us, for 32 channels the same 11 us."""
+        multiply-adds: for 64 channels of 64 tiles 33 against 18 us, for 32 channels the same 11 us.
+        ``into``: (v, its (4, 4, T*C) view) to write instead of this chunk's own v."""
+        v, v_cols = into or (self.v, self.v_cols)
         np.copyto(self.tiles, tiles)
         np.matmul(self._b_t, self.tile_rows, out=self.half_rows)
-        np.matmul(self._b_t, self.half, out=self.v_cols)
-        return self.v
+        np.matmul(self._b_t, self.half, out=v_cols)
+        return v
 
 
-def _chunks(tiles, F, dtype, dy=False):
-    """(first sample, :class:`_Chunk`) for every chunk of the samples of ``tiles`` (4, 4, N, th, tw, C):
+def _chunks(tiles_shape, F, dtype, dy=False):
+    """(first sample, :class:`_Chunk`) for every chunk of the samples of tiles shaped (4, 4, N, th, tw, C):
     about CHUNK_BYTES of transformed input and products each, the last one shorter where N does not divide."""
-    _, _, N, th, tw, C = tiles.shape
+    _, _, N, th, tw, C = tiles_shape
     step = max(1, min(N, CHUNK_BYTES // (16 * th * tw * (C + F) * np.dtype(dtype).itemsize)))
     chunk = _Chunk(step, (th, tw), C, F, dtype, dy)
     for n in range(0, N - N % step, step):
@@ -155,18 +173,21 @@ def _chunks(tiles, F, dtype, dy=False):
         yield N - N % step, _Chunk(N % step, (th, tw), C, F, dtype, dy)
 
 
-def _convolve(tiles, u, output):
+def _convolve(tiles, u, output, keep=None):
     """Fill ``output`` = (result, its tiles view (2, 2, N, th, tw, F)) with the convolution of the input
-    ``tiles`` (4, 4, N, th, tw, C) with transformed weights u (16, C, F); returns the result."""
+    ``tiles`` (4, 4, N, th, tw, C) with transformed weights u (16, C, F); returns the result. ``keep``:
+    an array (16, N*th*tw, C) to hold the transformed input tiles of the whole batch."""
     result, dest = output
     N, F = tiles.shape[2], u.shape[2]
+    per_sample = tiles.shape[3] * tiles.shape[4]
     a_t = OUTPUT.astype(u.dtype)
     # tiles memory (pool blocks) takes the products straight in; an image's tiles view through a copy
     dest_rows = dest.reshape(4, N, -1) if dest.flags.c_contiguous else None
     y = None
-    for n, chunk in _chunks(tiles, F, u.dtype):
+    for n, chunk in _chunks(tiles.shape, F, u.dtype):
         s = chunk.samples
-        np.matmul(chunk.transform_input(tiles[:, :, n:n + s]), u, out=chunk.m)
+        into = None if keep is None else _kept(keep, n, s, per_sample)
+        np.matmul(chunk.transform_input(tiles[:, :, n:n + s], into), u, out=chunk.m)
         if dest_rows is not None:
             np.matmul(a_t, chunk.m_rows, out=dest_rows[:, n:n + s].reshape(4, -1))
         else:
