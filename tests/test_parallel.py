@@ -26,9 +26,17 @@ def grads_of(model):
     return {name: g.copy() for name, g in model.named_grads()}
 
 
+@pytest.mark.parametrize("transfer", ["pipe", "mailbox", "larger-than-mailbox"])
 @pytest.mark.parametrize("replicas, n", [(2, 8), (3, 7), (2, 1), (4, 3)])
-def test_scores_and_gradients_are_the_whole_batchs(replicas, n):
-    """Uneven slices and fewer samples than replicas included; float64, so only rounding differs."""
+def test_scores_and_gradients_are_the_whole_batchs(replicas, n, transfer, monkeypatch):
+    """Uneven slices and fewer samples than replicas included; float64, so only rounding differs. The
+    arrays travel through the pipe, the shared-memory mailboxes, or the pipe where a mailbox is too small."""
+    sent = []
+    send = parallel._send
+    monkeypatch.setattr(parallel, "_send", lambda conn, header, *args: sent.append(header) or send(conn, header, *args))
+    monkeypatch.setattr(parallel, "INLINE_BYTES", 1 << 30 if transfer == "pipe" else 0)
+    if transfer == "larger-than-mailbox":
+        monkeypatch.setattr(parallel, "MAILBOX_BYTES", 8 * 1024 - 1)  # one sample's image: 8 kB
     x, y = batch(n)
     single, split = lenet(), lenet()
     single.set_input_grad(False)
@@ -45,6 +53,9 @@ def test_scores_and_gradients_are_the_whole_batchs(replicas, n):
         assert ours.keys() == theirs.keys()
         for name in ours:
             np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-10, atol=1e-12, err_msg=name)
+        images = [header for header in sent if header.get("op") == "forward"]  # 8 kB a sample
+        assert bool(images) == (n > 1)  # a batch of one leaves the replicas idle
+        assert all(header.get("mailbox", False) == (transfer == "mailbox") for header in images)
     finally:
         net.close()
 
