@@ -248,7 +248,9 @@ class Linear(Module):
     """
 
     reg_keys = ("weight",)
-    # set by SGD.fuse_into_backward: fused_update(layer, dout, x) updates the weight in backward
+    # set by SGD.fuse_into_backward: fused_update(layer, dout, x) updates the weight in backward;
+    # fused_update(layer, dout, x, dx) also adds the input gradient into a zeroed dx from the same pass over
+    # the weights and returns True, or returns False having done nothing where that does not pay
     fused_update = None
 
     def __init__(self, in_features, out_features, bias=True, rng=None):
@@ -277,13 +279,18 @@ class Linear(Module):
     def backward(self, dout):
         x = self._cache
         w = self.params["weight"]
-        dx = None
-        if self.needs_input_grad:  # before a fused update changes the weights
-            # in x's memory order: x is often our own transposed output through a ReLU, whose backward
-            # multiplies dx by a mask laid out like x, and ufuncs over mixed layouts crawl (4x here)
-            dx = (w.T @ dout.T).T if x.flags.f_contiguous and not x.flags.c_contiguous else dout @ w
+        # in x's memory order: x is often our own transposed output through a ReLU, whose backward
+        # multiplies dx by a mask laid out like x, and ufuncs over mixed layouts crawl (4x here)
+        f_order = x.flags.f_contiguous and not x.flags.c_contiguous
+        dx, updated = None, False
+        if self.needs_input_grad and self.fused_update is not None:
+            dx = np.zeros_like(x, order="F" if f_order else "C")
+            updated = self.fused_update(self, dout, x, dx)
+        if self.needs_input_grad and not updated:  # before a fused update changes the weights
+            dx = (w.T @ dout.T).T if f_order else dout @ w
         if self.fused_update is not None:
-            self.fused_update(self, dout, x)
+            if not updated:
+                self.fused_update(self, dout, x)
             self.grads.pop("weight", None)
         else:
             self.grads["weight"] = np.matmul(dout.T, x, out=self._grad_buffer("weight"))

@@ -586,11 +586,13 @@ def test_optimizer_trajectory_matches_torch(case):
 
 @pytest.mark.parametrize("opts", [dict(lr=0.1), dict(lr=0.1, weight_decay=0.05), dict(lr=0.1, reg=0.03)],
                          ids=["sgd", "weight-decay", "reg"])
-@pytest.mark.parametrize("path", ["direct-blas", "numpy-blocks"])
+@pytest.mark.parametrize("path", ["direct-blas", "direct-blas-one-thread", "numpy-blocks"])
 def test_sgd_fused_into_backward_follows_torch(opts, path, monkeypatch):
     """SGD.fuse_into_backward: the large Linear updates its weight inside backward, in one BLAS gemm
-    with beta or, without it, block of rows by block of rows; the trajectory is still torch's (``reg``
-    as a parameter group on Linear weights)."""
+    with beta or, without it, block of rows by block of rows; on one BLAS thread, blocks of rows that also
+    give the input gradient (two gemms each: 500 rows, 8 blocks); the trajectory is still torch's
+    (``reg`` as a parameter group on Linear weights)."""
+    monkeypatch.setattr(blas, "threads", lambda: 1 if path.endswith("one-thread") else 2)
     direct_calls = []
     if path == "numpy-blocks":
         monkeypatch.setattr(blas, "gemm_at_b", lambda *args: False)
@@ -620,7 +622,8 @@ def test_sgd_fused_into_backward_follows_torch(opts, path, monkeypatch):
         F.cross_entropy(t(torch.from_numpy(x)), torch.from_numpy(y)).backward()
         t_opt.step()
         assert_state_close(model, t, f"after step {step}")
-    assert direct_calls == ([True] * 4 if path == "direct-blas" else []), blas.source()
+    calls = {"direct-blas": 4, "direct-blas-one-thread": 4 * 2 * 8, "numpy-blocks": 0}[path]
+    assert direct_calls == [True] * calls, blas.source()
 
 
 BUILD_CASES = {  # optim.build name -> torch optimizer with torch's own defaults
