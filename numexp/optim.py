@@ -182,7 +182,6 @@ class SGD(Optimizer):
                 block *= shrink
             block += part
 
-
     def _update_with_input_grad(self, w, dout, x, dx, shrink):
         """:meth:`_update_linear_weight` with dx, a block of rows at a time; False if the direct gemm is
         not there for these arrays (checked on the first block, before anything changes)."""

@@ -12,10 +12,11 @@ The first slice runs in the calling process; each other slice runs in a forked c
 own copy of the network (its caches and gradients). The parameters and buffers live in shared memory,
 so optimizer steps and loaded state dicts reach every child; a child writes its gradients to shared
 memory too, and they are summed into the model's after each backward. Requests and answers travel over
-a pipe, their arrays through a shared-memory mailbox per direction (LeNet-5's two-thread step 3.11 -> 3.0 ms). BatchNorm layers add up their per-channel sums over the replicas in the middle of a pass
-(:class:`_LeaderSync`), so that every slice is normalised with the whole batch's statistics. The sum
-of the slices' gradients is then the batch's gradient up to float rounding, and the same for every
-run with the same thread count. Dropout (one mask stream) and weights updated inside ``backward``
+a pipe, their larger arrays through a shared-memory mailbox per direction (see INLINE_BYTES). BatchNorm
+layers add up their per-channel sums over the replicas in the middle of a pass (:class:`_LeaderSync`),
+so that every slice is normalised with the whole batch's statistics. The sum of the slices' gradients
+is then the batch's gradient up to float rounding, and the same for every run with the same thread
+count. Dropout (one mask stream) and weights updated inside ``backward``
 keep a network in one process.
 
 Networks with a large fully connected head (SimpleNet: 12.72M of its 12.74M weights in FC1 and FC2)
