@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from conftest import TINY
 from numexp import losses, models, nn, optim, parallel, trainer
@@ -95,13 +96,13 @@ def test_input_gradient_is_concatenated_when_asked_for():
         net.close()
 
 
-def bn_net(dtype=np.float64, head=(32,)):
+def bn_net(dtype=np.float64, head=(32,), method="auto"):
     """conv-BN-ReLU-pool (a pool-first group), conv-BN-ReLU, then Linear layers with a BatchNorm1d."""
     nn.set_default_dtype(dtype)
     rng = np.random.default_rng(0)
     try:
-        layers = [nn.Conv2d(3, 4, 3, padding=1, rng=rng), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-                  nn.Conv2d(4, 5, 3, padding=1, rng=rng), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten()]
+        layers = [nn.Conv2d(3, 4, 3, padding=1, method=method, rng=rng), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                  nn.Conv2d(4, 5, 3, padding=1, method=method, rng=rng), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten()]
         width = 5 * 4 * 4
         for hidden in head:
             layers += [nn.Linear(width, hidden, rng=rng), nn.BatchNorm1d(hidden), nn.ReLU()]
@@ -138,12 +139,22 @@ def assert_same_step(single, net, model, x, y):
         np.testing.assert_allclose(model.state_dict()[name], value, rtol=1e-12, atol=1e-14, err_msg=name)
 
 
+@pytest.mark.parametrize("method", ["auto", "winograd"])
 @pytest.mark.parametrize("replicas, n", [(2, 8), (3, 7), (2, 3)])
-def test_batchnorm_replicas_normalise_with_the_whole_batchs_statistics(replicas, n):
-    """Uneven slices; the running statistics are updated once, as by one network on the batch."""
+def test_batchnorm_replicas_normalise_with_the_whole_batchs_statistics(replicas, n, method):
+    """Uneven slices; the running statistics are updated once, as by one network on the batch. With
+    Winograd convolutions too (on one BLAS thread here as in the replicas; the first into pool blocks)."""
     x, y = bn_batch(n)
-    single, model = bn_net(), bn_net()
+    single, model = bn_net(method=method), bn_net(method=method)
     net = parallel.DataParallel(model, replicas)
+    with threadpool_limits(1, user_api="blas"):
+        run_batchnorm_steps(single, net, model, x, y)
+    assert all(m.sync is None for _, m in model.named_modules() if isinstance(m, nn._BatchNorm))
+    convs = [m for _, m in single.named_modules() if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(m._cache[1], str) == (method == "winograd") for m in convs)  # ran as Winograd
+
+
+def run_batchnorm_steps(single, net, model, x, y):
     try:
         for _ in range(2):
             assert_same_step(single, net, model, x, y)
@@ -151,7 +162,6 @@ def test_batchnorm_replicas_normalise_with_the_whole_batchs_statistics(replicas,
         np.testing.assert_allclose(net(x), single.eval()(x), rtol=1e-10)
     finally:
         net.close()
-    assert all(m.sync is None for _, m in model.named_modules() if isinstance(m, nn._BatchNorm))
 
 
 def test_a_large_head_runs_here_on_blas_threads_after_replicas_of_the_trunk(monkeypatch):
