@@ -440,3 +440,17 @@ def test_auto_picks_winograd_for_3x3_same_convolutions_from_32_input_channels():
     assert nn.Conv2d(16, 16, 3, padding=1).method == "im2col"    # resnet_small's first layers: as slow
     assert nn.Conv2d(32, 64, 3, stride=2, padding=1).method == "im2col"
     assert nn.Conv2d(32, 64, 5, padding=2).method == "im2col"
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_winograd_conv_stays_float32(pool, monkeypatch):
+    """No float64 from the transforms' matrices (kept in float64, cast to the data's type on use)."""
+    monkeypatch.setattr(blas, "threads", lambda: 1)
+    rng = np.random.default_rng(12)
+    conv = nn.Conv2d(32, 8, 3, padding=1, rng=rng)
+    conv.pool_blocks = pool
+    out = conv(rng.standard_normal((2, 32, 6, 4)).astype(np.float32))
+    assert conv._cache[1] == "winograd" and conv._cache[3].dtype == np.float32  # the kept transformed input
+    dx = conv.backward(np.ones_like(out))
+    assert out.dtype == dx.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in conv.grads.values())
