@@ -249,8 +249,8 @@ class Linear(Module):
 
     reg_keys = ("weight",)
     # set by SGD.fuse_into_backward: fused_update(layer, dout, x) updates the weight in backward;
-    # fused_update(layer, dout, x, dx) also adds the input gradient into a zeroed dx from the same pass over
-    # the weights and returns True, or returns False having done nothing where that does not pay
+    # fused_update(layer, dout, x, new_dx) also returns the input gradient, added into new_dx() (zeros) from
+    # the same pass over the weights, or returns None having done nothing where that does not pay
     fused_update = None
 
     def __init__(self, in_features, out_features, bias=True, rng=None):
@@ -282,10 +282,10 @@ class Linear(Module):
         # in x's memory order: x is often our own transposed output through a ReLU, whose backward
         # multiplies dx by a mask laid out like x, and ufuncs over mixed layouts crawl (4x here)
         f_order = x.flags.f_contiguous and not x.flags.c_contiguous
-        dx, updated = None, False
+        dx = None
         if self.needs_input_grad and self.fused_update is not None:
-            dx = np.zeros_like(x, order="F" if f_order else "C")
-            updated = self.fused_update(self, dout, x, dx)
+            dx = self.fused_update(self, dout, x, lambda: np.zeros_like(x, order="F" if f_order else "C"))
+        updated = dx is not None
         if self.needs_input_grad and not updated:  # before a fused update changes the weights
             dx = (w.T @ dout.T).T if f_order else dout @ w
         if self.fused_update is not None:

@@ -157,19 +157,22 @@ class SGD(Optimizer):
             layer.fused_update = self._update_linear_weight
         return len(layers)
 
-    def _update_linear_weight(self, layer, dout, x, dx=None):
+    def _update_linear_weight(self, layer, dout, x, new_dx=None):
         """``layer.weight`` (out, in) ``= (1 - lr*decay) * W - lr * dout.T @ x`` for dout (N, out), x (N, in):
         one BLAS gemm with ``beta`` where :mod:`numexp.blas` can call it, else a block of rows at a time.
 
-        With ``dx`` (zeros shaped like x): on one BLAS thread and with the direct gemm, also ``dx += dout @ W``
-        with the weights before their update, FUSED_ROWS rows of W at a time, each block read once for both
-        products; returns whether it did (else it did nothing). SimpleNet's FC1 (3072 x 4096) at one thread,
+        With ``new_dx`` (a function giving zeros shaped like x): on one BLAS thread and with the direct gemm,
+        also ``dx = dout @ W`` with the weights before their update, FUSED_ROWS rows of W at a time, each
+        block read once for both products; returns dx, or None having done nothing. SimpleNet's FC1 (3072 x 4096) at one thread,
         its input gradient and update 30.2 -> 29.5 ms on a fast host and 35.2 -> 32.7 ms on a slow one (its
         weights' 50 MB read from memory once less); on two threads 16.9 -> 18.1 ms, so not there."""
         w = layer.params["weight"]
         shrink = 1 - self.lr * (self.weight_decay + self.reg)
-        if dx is not None:
-            return blas.threads() == 1 and self._update_with_input_grad(w, dout, x, dx, shrink)
+        if new_dx is not None:
+            if blas.threads() != 1:
+                return None
+            dx = new_dx()
+            return dx if self._update_with_input_grad(w, dout, x, dx, shrink) else None
         if blas.gemm_at_b(w, dout, x, -self.lr, shrink):
             return
         rows = max(1, FUSED_BLOCK // w.shape[1])

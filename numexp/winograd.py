@@ -86,14 +86,14 @@ def weight_grad(x, dy, v=None):
     dtype = np.result_type(x, dy)
     out_t = np.ascontiguousarray(OUTPUT.T.astype(dtype))
     du, part = np.zeros((16, C, F), dtype=dtype), np.empty((16, C, F), dtype=dtype)
-    for n, chunk in _chunks((4, 4, N, H // 2, W // 2, C), F, dtype, dy=True):
+    for n, chunk in _chunks((4, 4, N, H // 2, W // 2, C), F, dtype, out_tiles=True):
         s = chunk.samples
         if v is None:
             v_t = chunk.transform_input(tiles[:, :, n:n + s]).transpose(0, 2, 1)
         else:
             v_t = _kept(v, n, s, per_sample)[0].transpose(0, 2, 1)
-        np.copyto(chunk.dy, dy[:, :, n:n + s])
-        np.matmul(out_t, chunk.dy_rows, out=chunk.m_rows)  # A dy A^T of every tile
+        np.copyto(chunk.out_tiles, dy[:, :, n:n + s])
+        np.matmul(out_t, chunk.out_rows, out=chunk.m_rows)  # A dy A^T of every tile
         du += np.matmul(v_t, chunk.m, out=part)
     taps = WEIGHT.T.astype(dtype) @ du.reshape(16, C * F)  # vec(G^T m G) = kron(G, G)^T vec(m)
     return np.ascontiguousarray(taps.reshape(3, 3, C, F).transpose(3, 2, 0, 1))
@@ -135,10 +135,11 @@ class _Chunk:
     they are written through, made once: a sample's work takes tens of microseconds, a view one.
 
     Shapes, for T = samples * th * tw tiles: tiles (4, 4, samples, th, tw, C); v, their ``B^T d B``,
-    (16, T, C); m, products (16, T, F); dy, output tiles (2, 2, samples, th, tw, F) when asked.
+    (16, T, C); m, products (16, T, F); out_tiles, tiles of an output or its gradient (2, 2, samples, th,
+    tw, F), when asked.
     """
 
-    def __init__(self, samples, grid, C, F, dtype, dy=False):
+    def __init__(self, samples, grid, C, F, dtype, out_tiles=False):
         th, tw = grid
         T = samples * th * tw
         self.samples = samples
@@ -150,8 +151,8 @@ class _Chunk:
         self.v_cols = self.v.reshape(4, 4, T * C)
         self.m = np.empty((16, T, F), dtype=dtype)
         self.m_rows = self.m.reshape(16, -1)
-        self.dy = np.empty((2, 2, samples, th, tw, F), dtype=dtype) if dy else None
-        self.dy_rows = self.dy.reshape(4, -1) if dy else None
+        self.out_tiles = np.empty((2, 2, samples, th, tw, F), dtype=dtype) if out_tiles else None
+        self.out_rows = self.out_tiles.reshape(4, -1) if out_tiles else None
         self._b_t = B_T.astype(dtype)
 
     def transform_input(self, tiles, into=None):
@@ -166,16 +167,16 @@ class _Chunk:
         return v
 
 
-def _chunks(tiles_shape, F, dtype, dy=False):
+def _chunks(tiles_shape, F, dtype, out_tiles=False):
     """(first sample, :class:`_Chunk`) for every chunk of the samples of tiles shaped (4, 4, N, th, tw, C):
     about CHUNK_BYTES of transformed input and products each, the last one shorter where N does not divide."""
     _, _, N, th, tw, C = tiles_shape
     step = max(1, min(N, CHUNK_BYTES // (16 * th * tw * (C + F) * np.dtype(dtype).itemsize)))
-    chunk = _Chunk(step, (th, tw), C, F, dtype, dy)
+    chunk = _Chunk(step, (th, tw), C, F, dtype, out_tiles)
     for n in range(0, N - N % step, step):
         yield n, chunk
     if N % step:
-        yield N - N % step, _Chunk(N % step, (th, tw), C, F, dtype, dy)
+        yield N - N % step, _Chunk(N % step, (th, tw), C, F, dtype, out_tiles)
 
 
 def _convolve(tiles, u, output, keep=None):
@@ -188,16 +189,13 @@ def _convolve(tiles, u, output, keep=None):
     a_t = OUTPUT.astype(u.dtype)
     # tiles memory (pool blocks) takes the products straight in; an image's tiles view through a copy
     dest_rows = dest.reshape(4, N, -1) if dest.flags.c_contiguous else None
-    y = None
-    for n, chunk in _chunks(tiles.shape, F, u.dtype):
+    for n, chunk in _chunks(tiles.shape, F, u.dtype, out_tiles=dest_rows is None):
         s = chunk.samples
         into = None if keep is None else _kept(keep, n, s, per_sample)
         np.matmul(chunk.transform_input(tiles[:, :, n:n + s], into), u, out=chunk.m)
         if dest_rows is not None:
             np.matmul(a_t, chunk.m_rows, out=dest_rows[:, n:n + s].reshape(4, -1))
         else:
-            if y is None or y.shape[2] != s:
-                y = np.empty((2, 2, s) + dest.shape[3:], dtype=u.dtype)
-            np.matmul(a_t, chunk.m_rows, out=y.reshape(4, -1))
-            np.copyto(dest[:, :, n:n + s], y)
+            np.matmul(a_t, chunk.m_rows, out=chunk.out_rows)
+            np.copyto(dest[:, :, n:n + s], chunk.out_tiles)
     return result
