@@ -897,7 +897,25 @@ class _BatchNorm(Module):
         var = self._mean_square(X, m) - mean * mean
         if (mean * mean <= var).all():  # the same totals, so every replica takes the same branch
             return mean, var, m
-        return mean, self._mean_square(X - mean, m), m
+        return mean, self._centred_mean_square(X, mean, m), m
+
+    def _centred_mean_square(self, X, mean, m, chunk_bytes=1 << 20):
+        """:meth:`_mean_square` of X - mean, a cache-sized chunk of rows at a time over the wide rows of
+        :func:`numexp.kernels.wide_channel_rows`, with no centred copy of X. SimpleNet's second BatchNorm
+        (1M values, 30 of 64 channels with mean² > var at initialisation): 1.5 -> 0.8 ms with the mean."""
+        wide, r = kernels.wide_channel_rows(X)
+        rows = max(1, chunk_bytes // (wide.shape[1] * wide.itemsize))
+        tiled = np.tile(mean, r)
+        buf = np.empty((min(rows, len(wide)), wide.shape[1]), dtype=np.result_type(X, mean))
+        squares = np.zeros(wide.shape[1], dtype=buf.dtype)
+        for start in range(0, len(wide), rows):
+            part = wide[start:start + rows]
+            centred = np.subtract(part, tiled, out=buf[:len(part)])
+            squares += np.einsum("ij,ij->j", centred, centred)
+        squares = squares.reshape(r, -1).sum(axis=0)
+        if self.sync is not None:
+            squares = self.sync.sums(squares)
+        return squares * (1.0 / m)
 
     def _batch_mean(self, X):
         sums, m = _column_sums(X), X.shape[0]

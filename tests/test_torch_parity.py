@@ -301,6 +301,26 @@ def test_pooled_first_batchnorm_variance_stays_accurate_in_float32(offset):
     np.testing.assert_allclose(var, two_pass, rtol=2e-5)
 
 
+@pytest.mark.parametrize("layout", ["channels-last", "strided"])
+def test_centred_variance_in_chunks_of_rows_matches_float64(layout):
+    """The centred fallback runs over cache-sized chunks of (wide) rows: many chunks, a short last one
+    and rows that are not contiguous all give the float64 variance."""
+    rng = np.random.default_rng(12)
+    x64 = 50.0 + rng.standard_normal((10, 4, 7, 6))  # every channel's mean² far above its variance
+    bn = nn.BatchNorm2d(4)
+    x32 = x64.astype(np.float32)
+    rows = bn._rows(np.ascontiguousarray(x32.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
+    if layout == "strided":
+        rows = np.asfortranarray(rows)
+    assert rows.flags.c_contiguous == (layout == "channels-last")
+    mean, m = bn._batch_mean(rows)
+    chunk_bytes = 3 * 4 * rows.shape[1] * (5 if layout == "channels-last" else 1)  # 15 or 3 rows a chunk
+    var = bn._centred_mean_square(rows, mean, m, chunk_bytes=chunk_bytes)
+    assert var.dtype == np.float32 and var.shape == (4,)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=2e-5)
+    np.testing.assert_allclose(bn.batch_mean_var(rows)[1], var, rtol=1e-5)
+
+
 def test_relu_maxpool_pooled_first_with_ties_matches_torch():
     rng = np.random.default_rng(7)
     seq = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
