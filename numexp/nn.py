@@ -1161,6 +1161,12 @@ class ConvBN(Fused):
         return dout
 
 
+# PoolFirst's backward over pool blocks works through a chunk of samples of about TAP_CHUNK_BYTES per tap at a
+# time (see PoolFirst._backward_blocks): SimpleNet's training step 0.26-0.45 ms shorter at one thread (medians of
+# 30 alternating pairs, two runs; alone, its first group 4.9 -> 3.8 ms, but in a step the data comes from L3 anyway).
+TAP_CHUNK_BYTES = 1 << 18
+
+
 class PoolFirst(Fused):
     """[BatchNorm2d →] ReLU → MaxPool2d(k, stride k) of a Sequential, run as one step that pools first:
     the BN affine and the ReLU then touch a k*k times smaller array, forward and backward.
@@ -1265,17 +1271,24 @@ class PoolFirst(Fused):
         return dx
 
     @staticmethod
-    def _backward_blocks(blocks, pooled, g, c1=None, c0=None):
+    def _backward_blocks(blocks, pooled, g, c1=None, c0=None, chunk_bytes=TAP_CHUNK_BYTES):
         """dx as pool blocks, in their memory order: ``c1 * x + c0`` (if given, per channel) plus ``g``
-        at each window's first maximum. blocks: (T, N, C, H_out, W_out); pooled, g: (N, C, H_out, W_out)."""
+        at each window's first maximum. blocks: (T, N, C, H_out, W_out); pooled, g: (N, C, H_out, W_out).
+
+        A chunk of samples of about ``chunk_bytes`` a tap at a time, all taps of it before the next: its
+        ``pooled`` and ``g`` stay in cache through the taps."""
         dx = np.empty_like(blocks)
-        winners = np.empty_like(g) if c1 is not None else None  # reused by every tap: no temporaries
-        for tap, first, d in zip(blocks, kernels.first_maxima(blocks, pooled), dx):
-            if c1 is None:
-                np.multiply(g, first, out=d)
-            else:
-                kernels.channel_affine(tap, c1, c0, out=d)
-                d += np.multiply(g, first, out=winners)
+        N = blocks.shape[1]
+        step = max(1, min(N, chunk_bytes // max(1, g[:1].nbytes)))
+        winners = np.empty_like(g[:step]) if c1 is not None else None  # reused by every tap: no temporaries
+        for n in range(0, N, step):
+            part, g_part, d_part = blocks[:, n:n + step], g[n:n + step], dx[:, n:n + step]
+            for tap, first, d in zip(part, kernels.first_maxima(part, pooled[n:n + step]), d_part):
+                if c1 is None:
+                    np.multiply(g_part, first, out=d)
+                else:
+                    kernels.channel_affine(tap, c1, c0, out=d)
+                    d += np.multiply(g_part, first, out=winners[:len(g_part)])
         return dx
 
 

@@ -454,3 +454,29 @@ def test_winograd_conv_stays_float32(pool, monkeypatch):
     dx = conv.backward(np.ones_like(out))
     assert out.dtype == dx.dtype == np.float32
     assert all(g.dtype == np.float32 for g in conv.grads.values())
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["max-pool", "with-batchnorm"])
+def test_pool_first_backward_over_blocks_is_the_same_in_chunks_of_samples(affine):
+    """PoolFirst's backward over pool blocks runs a chunk of samples at a time: chunks of one and of two
+    samples (a short last one) give the whole batch's dx exactly, ties at the first maximum included."""
+    rng = np.random.default_rng(5)
+    N, C, P = 5, 3, 4
+    memory = rng.integers(-2, 3, size=(4, N, P, P, C)).astype(np.float64)  # repeats: tied maxima
+    blocks = memory.transpose(0, 1, 4, 2, 3)  # (tap, n, C, ph, pw) over channels-last memory
+    pooled = blocks.max(axis=0)
+    g = rng.standard_normal(pooled.shape)
+    c1, c0 = (rng.standard_normal(C), rng.standard_normal(C)) if affine else (None, None)
+    whole = nn.PoolFirst._backward_blocks(blocks, pooled, g, c1, c0, chunk_bytes=1 << 30)
+    per_sample = g[:1].nbytes
+    for chunk_bytes in (per_sample, 2 * per_sample):
+        dx = nn.PoolFirst._backward_blocks(blocks, pooled, g, c1, c0, chunk_bytes=chunk_bytes)
+        np.testing.assert_array_equal(dx, whole)
+        assert dx.strides == blocks.strides
+    # the first maximum of each window takes g; the rest only the affine part
+    first = np.argmax(blocks == pooled, axis=0)
+    expected = (np.zeros_like(blocks) if c1 is None
+                else blocks * c1[:, None, None] + c0[:, None, None])
+    for t in range(4):
+        expected[t] += np.where(first == t, g, 0.0)
+    np.testing.assert_allclose(whole, expected, rtol=1e-12, atol=1e-12)
