@@ -157,22 +157,11 @@ class SGD(Optimizer):
             layer.fused_update = self._update_linear_weight
         return len(layers)
 
-    def _update_linear_weight(self, layer, dout, x, new_dx=None):
+    def _update_linear_weight(self, layer, dout, x):
         """``layer.weight`` (out, in) ``= (1 - lr*decay) * W - lr * dout.T @ x`` for dout (N, out), x (N, in):
-        one BLAS gemm with ``beta`` where :mod:`numexp.blas` can call it, else a block of rows at a time.
-
-        With ``new_dx`` (a function giving zeros shaped like x): on one BLAS thread and with the direct gemm,
-        also ``dx = dout @ W`` with the weights before their update, FUSED_ROWS rows of W at a time, each
-        block read once for both products; returns dx, or None having done nothing. SimpleNet's FC1 (3072 x 4096) at one thread,
-        its input gradient and update 30.2 -> 29.5 ms on a fast host and 35.2 -> 32.7 ms on a slow one (its
-        weights' 50 MB read from memory once less); on two threads 16.9 -> 18.1 ms, so not there."""
+        one BLAS gemm with ``beta`` where :mod:`numexp.blas` can call it, else a block of rows at a time."""
         w = layer.params["weight"]
         shrink = 1 - self.lr * (self.weight_decay + self.reg)
-        if new_dx is not None:
-            if blas.threads() != 1:
-                return None
-            dx = new_dx()
-            return dx if self._update_with_input_grad(w, dout, x, dx, shrink) else None
         if blas.gemm_at_b(w, dout, x, -self.lr, shrink):
             return
         rows = max(1, FUSED_BLOCK // w.shape[1])
@@ -184,19 +173,6 @@ class SGD(Optimizer):
             if shrink != 1:
                 block *= shrink
             block += part
-
-    def _update_with_input_grad(self, w, dout, x, dx, shrink):
-        """:meth:`_update_linear_weight` with dx, a block of rows at a time; False if the direct gemm is
-        not there for these arrays (checked on the first block, before anything changes)."""
-        d_t = np.ascontiguousarray(dout.T)  # (out, N): its blocks of rows are contiguous
-        dx_t = dx.T if dx.flags.f_contiguous and not dx.flags.c_contiguous else None  # (in, N), C order
-        for start in range(0, w.shape[0], FUSED_ROWS):
-            block, d_block = w[start:start + FUSED_ROWS], d_t[start:start + FUSED_ROWS]
-            done = (blas.gemm_at_b(dx, d_block, block, 1.0, 1.0) if dx_t is None
-                    else blas.gemm_at_b(dx_t, block, d_block, 1.0, 1.0))
-            if not (done and blas.gemm_at_b(block, d_block.T, x, -self.lr, shrink)):
-                return False  # only on the first block, w untouched: the same dtypes and layouts for all
-        return True
 
 
 class Adagrad(Optimizer):
@@ -297,7 +273,6 @@ class Adam(Optimizer):
 
 CHUNK = 1 << 18  # elements: 1 MB of float32, small enough to stay in cache between the passes
 FUSED_BLOCK = 1 << 20  # elements of W per block of the NumPy fused update: 256 rows of FC1 were fastest
-FUSED_ROWS = 64  # rows of W per block of an update that also takes the input gradient: 64 and 128 were fastest
 
 
 def penalised(g, p, decay, out):

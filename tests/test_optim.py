@@ -109,19 +109,25 @@ def test_chunks_of_arrays_that_are_not_all_contiguous_come_whole():
     assert got_p is p and state is None and s0.shape == s1.shape == p.shape
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-sgd", "weight-gradient"])
 @pytest.mark.parametrize("layout", ["C", "F"])
-def test_fused_update_with_input_grad_reads_the_weights_before_updating_them(layout, monkeypatch):
-    """On one BLAS thread a fused Linear's backward takes dx = dout @ W and W -= lr * (dout.T @ x + reg * W)
-    block of rows by block of rows (optim.FUSED_ROWS, the last one short): dx from the weights before
-    the update, in x's memory order, as the separate products give them."""
-    monkeypatch.setattr(nn.blas, "threads", lambda: 1)
+def test_large_linear_input_grad_in_row_blocks_comes_from_the_weights_before_the_update(layout, fused, threads,
+                                                                                        monkeypatch):
+    """On one BLAS thread a Linear layer with large weights (over a lowered nn.BLOCKED_WEIGHT_BYTES) takes
+    dx = dout @ W as a sum over blocks of nn.GRAD_ROWS rows of W (the last one short), one gemm with beta each; on two,
+    one product. Then, fused, W -= lr * (dout.T @ x + reg * W) in one gemm. dx comes from the weights before the
+    update, in x's memory order, as the whole products give it."""
+    monkeypatch.setattr(nn, "BLOCKED_WEIGHT_BYTES", 1 << 20)
+    monkeypatch.setattr(nn.blas, "threads", lambda: threads)
     nn.set_default_dtype(np.float64)
     try:
-        layer = nn.Linear(1000, 300, rng=np.random.default_rng(0))  # 300,000 weights: fused
+        layer = nn.Linear(1000, 300, rng=np.random.default_rng(0))  # 2.4 MB of weights
     finally:
         nn.set_default_dtype(np.float32)
     opt = optim.SGD(layer, lr=0.1, reg=0.01)
-    assert opt.fuse_into_backward() == 1
+    if fused:
+        assert opt.fuse_into_backward() == 1
     rng = np.random.default_rng(1)
     x = np.asarray(rng.standard_normal((5, 1000)), order=layout)
     dout = rng.standard_normal((5, 300))
@@ -130,7 +136,10 @@ def test_fused_update_with_input_grad_reads_the_weights_before_updating_them(lay
     monkeypatch.setattr(nn.blas, "gemm_at_b", lambda *args: calls.append(gemm(*args)) or calls[-1])
     layer.forward(x)
     dx = layer.backward(dout)
-    assert calls == [True] * 2 * 5  # two gemms for each of the 5 blocks of at most 64 rows
+    assert calls == [True] * (5 * (threads == 1) + fused)  # 5 blocks of at most 64 rows, and the update
     np.testing.assert_allclose(dx, dout @ w, rtol=1e-12, atol=1e-12)
     assert dx.flags[f"{layout}_CONTIGUOUS"]
-    np.testing.assert_allclose(layer.params["weight"], w * (1 - 0.1 * 0.01) - 0.1 * dout.T @ x, rtol=1e-12, atol=1e-12)
+    if fused:
+        np.testing.assert_allclose(layer.params["weight"], w * (1 - 0.1 * 0.01) - 0.1 * dout.T @ x, rtol=1e-12, atol=1e-12)
+    else:
+        np.testing.assert_allclose(layer.grads["weight"], dout.T @ x, rtol=1e-12, atol=1e-12)

@@ -606,13 +606,16 @@ def test_optimizer_trajectory_matches_torch(case):
 
 @pytest.mark.parametrize("opts", [dict(lr=0.1), dict(lr=0.1, weight_decay=0.05), dict(lr=0.1, reg=0.03)],
                          ids=["sgd", "weight-decay", "reg"])
-@pytest.mark.parametrize("path", ["direct-blas", "direct-blas-one-thread", "numpy-blocks"])
+@pytest.mark.parametrize("path", ["direct-blas", "direct-blas-row-blocks", "numpy-blocks"])
 def test_sgd_fused_into_backward_follows_torch(opts, path, monkeypatch):
     """SGD.fuse_into_backward: the large Linear updates its weight inside backward, in one BLAS gemm
-    with beta or, without it, block of rows by block of rows; on one BLAS thread, blocks of rows that also
-    give the input gradient (two gemms each: 500 rows, 8 blocks); the trajectory is still torch's
-    (``reg`` as a parameter group on Linear weights)."""
-    monkeypatch.setattr(blas, "threads", lambda: 1 if path.endswith("one-thread") else 2)
+    with beta or, without it, block of rows by block of rows; "row-blocks": its weights count as large
+    (nn.BLOCKED_WEIGHT_BYTES), so its input gradient is a sum over blocks of rows too (500 rows, 8 gemms), and
+    on one BLAS thread its forward as well; the trajectory is still torch's (``reg`` as a parameter group on
+    Linear weights)."""
+    monkeypatch.setattr(blas, "threads", lambda: 1 if path.endswith("row-blocks") else 2)
+    if path.endswith("row-blocks"):
+        monkeypatch.setattr(nn, "BLOCKED_WEIGHT_BYTES", 1 << 20)
     direct_calls = []
     if path == "numpy-blocks":
         monkeypatch.setattr(blas, "gemm_at_b", lambda *args: False)
@@ -642,7 +645,7 @@ def test_sgd_fused_into_backward_follows_torch(opts, path, monkeypatch):
         F.cross_entropy(t(torch.from_numpy(x)), torch.from_numpy(y)).backward()
         t_opt.step()
         assert_state_close(model, t, f"after step {step}")
-    calls = {"direct-blas": 4, "direct-blas-one-thread": 4 * 2 * 8, "numpy-blocks": 0}[path]
+    calls = {"direct-blas": 4, "direct-blas-row-blocks": 4 * (8 + 1), "numpy-blocks": 0}[path]
     assert direct_calls == [True] * calls, blas.source()
 
 
