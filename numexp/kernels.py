@@ -200,8 +200,24 @@ def _unfold_chunks(patches, lead, step, col):
     for n in range(0, N, step):
         samples = every_tap + (slice(n, n + step),)
         chunk = col[samples] if col.shape[lead] == N else col[every_tap + (slice(0, min(step, N - n)),)]
-        np.copyto(chunk, patches[samples])
+        source = patches[samples]
+        into, runs = _as_runs(chunk), _as_runs(source)
+        if into is None or runs is None:
+            np.copyto(chunk, source)
+        else:
+            np.copyto(into, runs)
         yield n, chunk
+
+
+def _as_runs(a):
+    """a (..., kw, C) with its last two axes one contiguous run of kw*C values, viewed as one opaque item per run
+    (..., ), or None where they are not one run. NumPy copies runs of a few floats one inner loop each; copied as
+    items, the loop goes over the axis before: SimpleNet's conv1 unfold (runs of 9 floats) 0.99 -> 0.62 ms."""
+    kw, C = a.shape[-2:]
+    if a.strides[-1] != a.itemsize or a.strides[-2] != C * a.itemsize:
+        return None
+    merged = a.reshape(a.shape[:-2] + (kw * C,))  # a view: the two axes are one run
+    return merged.view(np.dtype((np.void, kw * C * a.itemsize)))[..., 0]
 
 
 def _patches(x, kh, kw, stride, padding, pool):

@@ -480,3 +480,19 @@ def test_pool_first_backward_over_blocks_is_the_same_in_chunks_of_samples(affine
     for t in range(4):
         expected[t] += np.where(first == t, g, 0.0)
     np.testing.assert_allclose(whole, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("runs", [True, False], ids=["runs-as-items", "strided"])
+def test_unfold_chunks_copy_runs_of_pixels_as_items_or_value_by_value(runs):
+    """_unfold_chunks copies each patch row's (kw, C) run as one opaque item where it is one contiguous run
+    (every unfold of padded channels-last memory), value by value where it is not; both give the patches."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 5, 6, 4)).astype(np.float32)  # (N, H, W, C)
+    if not runs:
+        x = np.asfortranarray(x)  # channels no longer adjacent: no runs
+    patches = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+    assert (kernels._as_runs(patches) is not None) == runs
+    col = np.empty(patches.shape, dtype=np.float32)
+    chunks = list(kernels._unfold_chunks(patches, 0, 2, col))
+    assert [n for n, _ in chunks] == [0, 2]
+    np.testing.assert_array_equal(col, patches)
