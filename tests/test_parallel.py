@@ -96,8 +96,9 @@ def test_input_gradient_is_concatenated_when_asked_for():
         net.close()
 
 
-def bn_net(dtype=np.float64, head=(32,), method="auto"):
-    """conv-BN-ReLU-pool (a pool-first group), conv-BN-ReLU, then Linear layers with a BatchNorm1d."""
+def bn_net(dtype=np.float64, head=(32,), method="auto", shifted=False):
+    """conv-BN-ReLU-pool (a pool-first group), conv-BN-ReLU, then Linear layers with a BatchNorm1d. ``shifted``:
+    running statistics with running_mean² > running_var, so that the batch's are summed about the running mean."""
     nn.set_default_dtype(dtype)
     rng = np.random.default_rng(0)
     try:
@@ -115,6 +116,9 @@ def bn_net(dtype=np.float64, head=(32,), method="auto"):
             m.params["weight"][:] = rng.uniform(0.5, 1.5, m.num_features)
             m.params["bias"][:] = rng.uniform(-0.5, 0.5, m.num_features)
             m.buffers["running_mean"][:] = rng.uniform(-0.1, 0.1, m.num_features)
+            if shifted:
+                m.buffers["running_var"][:] = 1e-3
+                m.buffers["running_mean"][:] = 0.05
     return model
 
 
@@ -139,13 +143,15 @@ def assert_same_step(single, net, model, x, y):
         np.testing.assert_allclose(model.state_dict()[name], value, rtol=1e-12, atol=1e-14, err_msg=name)
 
 
+@pytest.mark.parametrize("shifted", [False, True], ids=["", "about-the-running-mean"])
 @pytest.mark.parametrize("method", ["auto", "winograd"])
 @pytest.mark.parametrize("replicas, n", [(2, 8), (3, 7), (2, 3)])
-def test_batchnorm_replicas_normalise_with_the_whole_batchs_statistics(replicas, n, method):
+def test_batchnorm_replicas_normalise_with_the_whole_batchs_statistics(replicas, n, method, shifted):
     """Uneven slices; the running statistics are updated once, as by one network on the batch. With
-    Winograd convolutions too (on one BLAS thread here as in the replicas; the first into pool blocks)."""
+    Winograd convolutions too (on one BLAS thread here as in the replicas; the first into pool blocks), and
+    with the batch statistics summed about the running mean (one exchange for both sums)."""
     x, y = bn_batch(n)
-    single, model = bn_net(method=method), bn_net(method=method)
+    single, model = bn_net(method=method, shifted=shifted), bn_net(method=method, shifted=shifted)
     net = parallel.DataParallel(model, replicas)
     with threadpool_limits(1, user_api="blas"):
         run_batchnorm_steps(single, net, model, x, y)

@@ -321,6 +321,29 @@ def test_centred_variance_in_chunks_of_rows_matches_float64(layout):
     np.testing.assert_allclose(bn.batch_mean_var(rows)[1], var, rtol=1e-5)
 
 
+@pytest.mark.parametrize("running", ["near-the-mean", "far-from-the-mean"])
+def test_variance_about_the_running_mean_matches_float64(running, monkeypatch):
+    """Where running_mean² > running_var, batch_mean_var sums X less the running mean in one pass; with the
+    running mean near the batch's that is the variance, with it far away (here the mean's negative) the
+    centred rows give it. Both agree with float64."""
+    rng = np.random.default_rng(13)
+    x64 = 40.0 + rng.standard_normal((9, 3, 5, 7))
+    bn = nn.BatchNorm2d(3)
+    mean64 = x64.mean(axis=(0, 2, 3))
+    bn.buffers["running_mean"][:] = mean64 + 0.5 if running == "near-the-mean" else -mean64
+    running_mean = bn.buffers["running_mean"].copy()
+    centred = []
+    real = bn._centred_mean_square
+    monkeypatch.setattr(bn, "_centred_mean_square", lambda *a, **k: centred.append(1) or real(*a, **k))
+    rows = bn._rows(np.ascontiguousarray(x64.astype(np.float32).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
+    mean, var, m = bn.batch_mean_var(rows)
+    assert m == 9 * 35 and mean.dtype == var.dtype == np.float32
+    assert len(centred) == (running == "far-from-the-mean")
+    np.testing.assert_allclose(mean, mean64, rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=2e-5)
+    np.testing.assert_array_equal(bn.buffers["running_mean"], running_mean)  # the statistics only read them
+
+
 def test_relu_maxpool_pooled_first_with_ties_matches_torch():
     rng = np.random.default_rng(7)
     seq = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
