@@ -914,27 +914,24 @@ class _BatchNorm(Module):
         initialisation: its statistics took three passes over the 1M values, now one (1.1 -> 0.5 ms)."""
         shift = self.buffers["running_mean"]
         if (shift * shift > self.buffers["running_var"]).any():  # the same buffers in every replica
-            return self._shifted_mean_var(X, shift.astype(X.dtype))  # a copy: the leader updates them after the sums
-        mean, m = self._batch_mean(X)
-        var = self._mean_square(X, m) - mean * mean
-        if (mean * mean <= var).all():  # the same totals, so every replica takes the same branch
+            shift = shift.astype(X.dtype)  # a copy: the leader updates the buffers after the sums
+            offset, var, m = self._moments(*self._shifted_sums(X, shift), X.shape[0])
+            mean = shift + offset
+        else:
+            offset, var, m = self._moments(_column_sums(X), np.einsum("ij,ij->j", X, X), X.shape[0])
+            mean = offset
+        if (offset * offset <= var).all():  # the same totals, so every replica takes the same branch
             return mean, var, m
         return mean, self._centred_mean_square(X, mean, m), m
 
-    def _shifted_mean_var(self, X, shift):
-        """:meth:`batch_mean_var` from the sums of X - shift and of its squares, both summed over the replicas in
-        one exchange; from the centred rows where the shift is as far from the mean as the cancellation allows."""
-        sums, squares = self._shifted_sums(X, shift)
-        m = X.shape[0]
+    def _moments(self, sums, squares, m):
+        """(mean, mean square less the squared mean, m) from the per-channel sums of this process's m rows and
+        of their squares, summed over the replicas in one exchange."""
         if self.sync is not None:
             total, m = self.sync.counted_sums(np.concatenate([sums, squares]), m)
             sums, squares = np.split(total, 2)
-        offset = sums * (1.0 / m)
-        var = squares * (1.0 / m) - offset * offset
-        mean = shift + offset
-        if (offset * offset <= var).all():
-            return mean, var, m
-        return mean, self._centred_mean_square(X, mean, m), m
+        mean = sums * (1.0 / m)
+        return mean, squares * (1.0 / m) - mean * mean, m
 
     def _centred_mean_square(self, X, mean, m, chunk_bytes=1 << 20):
         """:meth:`_mean_square` of X - mean, through :meth:`_shifted_sums`: no centred copy of X."""
