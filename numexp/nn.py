@@ -1316,11 +1316,14 @@ class PoolFirst(Fused):
         """dx as pool blocks, in their memory order: ``c1 * x + c0`` (if given, per channel) plus ``g``
         at each window's first maximum. blocks: (T, N, C, H_out, W_out); pooled, g: (N, C, H_out, W_out).
 
-        A chunk of samples of about ``chunk_bytes`` a tap at a time, all taps of it before the next: its
-        ``pooled`` and ``g`` stay in cache through the taps."""
+        Where each tap's memory is sample by sample (after im2col and Winograd convolutions), a chunk of samples
+        of about ``chunk_bytes`` a tap at a time, all taps of it before the next: its ``pooled`` and ``g`` stay in
+        cache through the taps. Batch-last memory (LeNet-5, SimpleConvNet) is taken whole: a chunk of samples
+        there is a strided slice of every run (SimpleConvNet's group 0.7 -> 4.5 ms in chunks)."""
         dx = np.empty_like(blocks)
         N = blocks.shape[1]
-        step = max(1, min(N, chunk_bytes // max(1, g[:1].nbytes)))
+        sample_major = all(a.strides[1] == max(a.strides[1:]) for a in (blocks, g[None]))
+        step = max(1, min(N, chunk_bytes // max(1, g[:1].nbytes))) if sample_major else N
         winners = np.empty_like(g[:step]) if c1 is not None else None  # reused by every tap: no temporaries
         for n in range(0, N, step):
             part, g_part, d_part = blocks[:, n:n + step], g[n:n + step], dx[:, n:n + step]

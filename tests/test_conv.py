@@ -456,23 +456,35 @@ def test_winograd_conv_stays_float32(pool, monkeypatch):
     assert all(g.dtype == np.float32 for g in conv.grads.values())
 
 
+@pytest.mark.parametrize("layout", ["channels-last", "batch-last"])
 @pytest.mark.parametrize("affine", [False, True], ids=["max-pool", "with-batchnorm"])
-def test_pool_first_backward_over_blocks_is_the_same_in_chunks_of_samples(affine):
-    """PoolFirst's backward over pool blocks runs a chunk of samples at a time: chunks of one and of two
-    samples (a short last one) give the whole batch's dx exactly, ties at the first maximum included."""
+def test_pool_first_backward_over_blocks_is_the_same_in_chunks_of_samples(affine, layout, monkeypatch):
+    """PoolFirst's backward over pool blocks runs a chunk of samples at a time where each tap's memory is
+    sample by sample: chunks of one and of two samples (a short last one) give the whole batch's dx exactly,
+    ties at the first maximum included. Batch-last blocks (a strided slice per chunk) go whole."""
     rng = np.random.default_rng(5)
     N, C, P = 5, 3, 4
-    memory = rng.integers(-2, 3, size=(4, N, P, P, C)).astype(np.float64)  # repeats: tied maxima
-    blocks = memory.transpose(0, 1, 4, 2, 3)  # (tap, n, C, ph, pw) over channels-last memory
-    pooled = blocks.max(axis=0)
-    g = rng.standard_normal(pooled.shape)
+    if layout == "channels-last":
+        memory = rng.integers(-2, 3, size=(4, N, P, P, C)).astype(np.float64)  # repeats: tied maxima
+        blocks = memory.transpose(0, 1, 4, 2, 3)  # (tap, n, C, ph, pw) over channels-last memory
+    else:
+        memory = rng.integers(-2, 3, size=(4, C, P, P, N)).astype(np.float64)
+        blocks = memory.transpose(0, 4, 1, 2, 3)
+    pooled = np.maximum(np.maximum(blocks[0], blocks[1]), np.maximum(blocks[2], blocks[3]))  # blocks' order
+    g = np.empty_like(pooled)
+    g[...] = rng.standard_normal(pooled.shape)
     c1, c0 = (rng.standard_normal(C), rng.standard_normal(C)) if affine else (None, None)
     whole = nn.PoolFirst._backward_blocks(blocks, pooled, g, c1, c0, chunk_bytes=1 << 30)
     per_sample = g[:1].nbytes
+    chunks, first_maxima = [], kernels.first_maxima
+    monkeypatch.setattr(kernels, "first_maxima", lambda taps, out: chunks.append(out.shape[0]) or first_maxima(taps, out))
     for chunk_bytes in (per_sample, 2 * per_sample):
+        chunks.clear()
         dx = nn.PoolFirst._backward_blocks(blocks, pooled, g, c1, c0, chunk_bytes=chunk_bytes)
         np.testing.assert_array_equal(dx, whole)
         assert dx.strides == blocks.strides
+        step = chunk_bytes // per_sample if layout == "channels-last" else N
+        assert chunks == [min(step, N - n) for n in range(0, N, step)]
     # the first maximum of each window takes g; the rest only the affine part
     first = np.argmax(blocks == pooled, axis=0)
     expected = (np.zeros_like(blocks) if c1 is None
