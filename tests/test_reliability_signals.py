@@ -80,13 +80,21 @@ def test_sigterm_stops_a_sweeps_workers_and_still_writes_runs_csv(tmp_path):
     assert not os.path.exists(sweep_dir / "2")  # never started
 
 
+def as_in_a_terminal():
+    """Run in the child before numexp starts: Ctrl-C's SIGINT as a terminal's foreground job has it. A test
+    runner started in the background (``&`` in a script, nohup) hands its children SIGINT ignored, and Python
+    keeps ignoring what it inherits ignored: the sweep would then run on to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_a_sweep_ends_it_with_one_line_and_runs_csv(tmp_path):
     """Ctrl-C reaches the terminal's whole process group: each worker's run records itself as interrupted,
     unless joblib stops that worker first (then it is incomplete); either way resume=true continues it."""
     sweep_dir = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "-m", "numexp", "-m", *LONG, "epochs=1000", "seed=0,1,2",
                              "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}"], env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=as_in_a_terminal)
     runs = [sweep_dir / "0", sweep_dir / "1"]
     wait_while_running(proc, lambda: all(status(run).get("epoch", 0) >= 1 for run in runs))
     os.killpg(proc.pid, signal.SIGINT)
