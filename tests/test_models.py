@@ -159,8 +159,8 @@ def test_a_simplenet_training_step_allocates_no_parameter_sized_temporary(blas_t
     of new allocations is about 69 MB. A float64 upcast of the activations, or a temporary the size
     of FC1's 12.6M weights (48 MB, e.g. ``w -= lr * (g + reg * w)`` done whole: 93 MB), pushes it
     past the 85 MB bound. On one BLAS thread (a run's default) conv2 runs as Winograd, which keeps its
-    transformed input (8.4 MB) instead of unfolds, and FC1's input gradient comes with its update: about
-    52 MB (62 on two).
+    transformed input (8.4 MB) instead of unfolds, and FC1's input gradient is summed into one 1 MB array
+    over blocks of its weights: about 49 MB (60 on two).
     """
     monkeypatch.setattr(blas, "threads", lambda: blas_threads)
     rng = np.random.default_rng(0)
