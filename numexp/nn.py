@@ -1326,13 +1326,14 @@ class PoolFirst(Fused):
         sample_major = all(a.strides[1] == max(a.strides[1:]) for a in (blocks, g[None]))
         step = max(1, min(N, chunk_bytes // max(1, g[:1].nbytes))) if sample_major else N
         winners = np.empty_like(g[:step]) if c1 is not None else None  # reused by every tap: no temporaries
+        affine = kernels.ChannelAffine(c1, c0) if c1 is not None else None
         for n in range(0, N, step):
             part, g_part, d_part = blocks[:, n:n + step], g[n:n + step], dx[:, n:n + step]
             for tap, first, d in zip(part, kernels.first_maxima(part, pooled[n:n + step]), d_part):
                 if c1 is None:
                     np.multiply(g_part, first, out=d)
                 else:
-                    kernels.channel_affine(tap, c1, c0, out=d)
+                    affine(tap, out=d)
                     d += np.multiply(g_part, first, out=winners[:len(g_part)])
         return dx
 
