@@ -320,14 +320,14 @@ def test_channel_affine_maps_each_channel_in_any_memory_layout(layout):
 
 def test_channel_affine_object_tiles_once_per_row_width_and_maps_every_shape_right(monkeypatch):
     """PoolFirst's backward maps every chunk of every tap with one ChannelAffine: each row width
-    (here 16 rows of 32 channels a wide row, and 1 where 75 rows share no factor with 16) gets its own
+    (at width 512: 16 rows of 32 channels a wide row, and 1 where 75 rows share no factor with 16) gets its own
     tiles, made once, and no chunk is mapped with another width's tiles."""
     rng = np.random.default_rng(3)
     scale, shift = rng.standard_normal(32).astype(np.float32), rng.standard_normal(32).astype(np.float32)
     tiles = []
     real_tile = np.tile
     monkeypatch.setattr(np, "tile", lambda v, r: tiles.append(r) or real_tile(v, r))
-    affine = kernels.ChannelAffine(scale, shift)
+    affine = kernels.ChannelAffine(scale, shift, width=512)
     for shape in [(8, 16, 16), (3, 5, 5), (8, 16, 16), (2, 8, 8), (3, 5, 5)]:
         x = rng.standard_normal(shape + (32,)).astype(np.float32).transpose(0, 3, 1, 2)  # channels-last
         out = np.empty_like(x)
