@@ -499,13 +499,14 @@ def test_pool_first_backward_over_blocks_is_the_same_in_chunks_of_samples(affine
     tiles, tile = [], np.tile
     monkeypatch.setattr(np, "tile", lambda v, r: tiles.append(r) or tile(v, r))
     for chunk_bytes in (per_sample, 2 * per_sample):
-        chunks.clear(), tiles.clear()
+        chunks.clear()
+        tiles.clear()
         dx = nn.PoolFirst._backward_blocks(blocks, pooled, g, c1, c0, chunk_bytes=chunk_bytes)
         np.testing.assert_array_equal(dx, whole)
         assert dx.strides == blocks.strides
         step = chunk_bytes // per_sample if layout == "channels-last" else N
         assert chunks == [min(step, N - n) for n in range(0, N, step)]
-        # the affine map's two vectors tiled once for each row width, not for every chunk and tap (4 * 5 maps)
+        # the affine map's two vectors tiled once for each row width, not for each chunk's four taps
         assert len(tiles) <= (4 if c1 is not None and layout == "channels-last" else 0)
     # the first maximum of each window takes g; the rest only the affine part
     first = np.argmax(blocks == pooled, axis=0)
