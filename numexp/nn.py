@@ -341,6 +341,12 @@ NARROW_TAPS = 64
 # too. Steps: SimpleNet 79.6 -> 73.6 ms; resnet_small 78.1 -> 76.6 with its 32-channel layers, unchanged with
 # its 16-channel ones too.
 WINOGRAD_CHANNELS = 32
+# Winograd's output tiles where the image cuts into 4x4 tiles: F(4x4, 3x3) (winograd.F4) makes 36 products per
+# 16 outputs where F(2x2, 3x3) makes 16 per 4, at a float32 error of about 5e-6 of the output's scale against
+# 3e-7. SimpleNet's step at one thread 2.9 ms shorter (30 alternating pairs, 87% faster), at two threads
+# (replicas) 48.2-50.8 -> 45.6-52.4 ms, medians 50.6 -> 47.0 (five alternating process pairs). Max-pool ties
+# (integer data) may go to another tap than a direct convolution's. 2 keeps F(2x2, 3x3) everywhere.
+WINOGRAD_TILE = 4
 
 
 class Conv2d(Module):
@@ -355,8 +361,9 @@ class Conv2d(Module):
             and sample by sample, (N, C*k*k, H_out*W_out): far cheaper to build with one input
             channel), ``"batch_last"`` (the unfold transposed with the batch fastest, (k*k*C,
             H_out*W_out*N): its copy and the slice-adds of the input gradient run over whole runs
-            of the batch), ``"winograd"`` (:mod:`numexp.winograd`, F(2x2, 3x3): 3x3 kernels, stride 1,
-            padding 1 and even input sizes, on one BLAS thread; im2col otherwise) or ``"naive"``
+            of the batch), ``"winograd"`` (:mod:`numexp.winograd`, F(4x4, 3x3) where the input's sides are multiples
+            of 4 (see WINOGRAD_TILE), else F(2x2, 3x3): 3x3 kernels, stride 1, padding 1 and even input
+            sizes, on one BLAS thread; im2col otherwise) or ``"naive"``
             (loops over output pixels; the reference for tests). ``"auto"`` takes ``"winograd"``
             for 3x3, stride 1 and padding 1 from WINOGRAD_CHANNELS input channels on.
 
@@ -488,29 +495,36 @@ class Conv2d(Module):
         # training keeps the transformed input for the weight gradient (8.4 MB for SimpleNet's conv2, whose
         # forward + weight gradient took 9.1 -> 8.2 ms that way)
         layout = "blocks" if pool == 2 else "image"
-        out, v = winograd.conv(x, winograd.transform_weights(w), layout, keep=self.training)
+        tiling = winograd.tiling_for(x.shape) if WINOGRAD_TILE == 4 else winograd.F2
+        out, v = winograd.conv(x, winograd.transform_weights(w, tiling), layout, keep=self.training, tiling=tiling)
         if b is not None:
             kernels.add_channel_bias(out.reshape(-1, F), b)
-        self._cache = (x.shape, "winograd", x, v, pool)
+        self._cache = (x.shape, "winograd", x, v, tiling, pool)
         if pool == 2:  # the tiles' memory is pool blocks' (tap, n, ph, pw, F)
             return out.reshape(4, N, H // 2, W // 2, F).transpose(0, 1, 4, 2, 3)
         return kernels.channels_first(out)
 
     def _backward_winograd(self, dout, w):
         """dout: pool blocks (4, N, F, H/2, W/2) after a forward call that returned them, else (N, F, H, W)."""
-        _, _, x, v, _ = self._cache
+        _, _, x, v, tiling, _ = self._cache
         F = self.out_channels
         if dout.ndim == 5:  # (tap, n, F, ph, pw) -> tiles (a, b, n, ph, pw, F): a view of blocks memory
             _, N, _, ph, pw = dout.shape
             tiles = dout.transpose(0, 1, 3, 4, 2).reshape(2, 2, N, ph, pw, F)
         else:
             tiles = winograd.image_tiles(kernels.channels_last(dout))
-        self.grads["weight"] = winograd.weight_grad(x, tiles, v)
+        padded = None
+        if tiling.m == 2:
+            self.grads["weight"] = winograd.weight_grad(x, tiles, v)
+        else:  # 4x4 tiles of the gradient image, padded for the input gradient's convolution as well
+            padded = winograd.padded_gradient(tiles)
+            self.grads["weight"] = winograd.weight_grad(x, winograd.image_tiles(padded[:, 1:-1, 1:-1], tiling.m), v,
+                                                        tiling)
         if "bias" in self.params:
             self.grads["bias"] = tiles.sum(axis=(0, 1, 2, 3, 4))
         if not self.needs_input_grad:
             return None
-        return kernels.channels_first(winograd.input_grad(tiles, w))
+        return kernels.channels_first(winograd.input_grad(tiles, w, tiling, padded))
 
     def _forward_taps(self, x, w, b):
         """The ``"taps"`` method: out[n] = w (F, C*k*k) @ col[n] (C*k*k, out_h*out_w), NCHW memory."""

@@ -17,6 +17,7 @@ CASES = [  # (shape, out_channels, kernel, stride, padding)
     ((1, 2, 6, 6), 3, 3, 2, 2),
     ((2, 8, 6, 7), 3, 3, 1, 1),   # im2col rows of 72 values: the unfold built again for the weight gradient
     ((3, 16, 4, 6), 5, 3, 1, 1),  # even sizes: Winograd applies
+    ((2, 32, 8, 12), 6, 3, 1, 1),  # sizes of 4s: Winograd's 4x4 tiles, over as many channels as SimpleNet's conv2
 ]
 
 
@@ -421,13 +422,18 @@ def test_eval_conv_bn_runs_folded_with_the_layers_own_gradients(method, bias, re
 @pytest.mark.parametrize("chunk_samples", [1, 2])
 @pytest.mark.parametrize("pool", [1, 2])
 @pytest.mark.parametrize("dout_layout", ["as-returned", "image"])
-def test_winograd_conv_matches_naive_in_float64_in_chunks_and_pool_blocks(chunk_samples, pool, dout_layout, monkeypatch):
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_conv_matches_naive_in_float64_in_chunks_and_pool_blocks(tile, chunk_samples, pool, dout_layout,
+                                                                          monkeypatch):
     """Three samples in chunks of one or two (the last chunk short), the output whole or as 2x2 pool blocks
-    (its tiles), and a gradient in the returned layout or as a plain (N, F, H, W) image (a pool-first group
-    that declined the blocks): exact up to float64 rounding."""
+    (F(2x2, 3x3)'s tiles; four of them to one of F(4x4, 3x3)'s), and a gradient in the returned layout or as a
+    plain (N, F, H, W) image (a pool-first group that declined the blocks): exact up to float64 rounding. An
+    image of 6 rows cuts into 2x2 tiles only; 8 x 12 into 4x4 ones."""
     monkeypatch.setattr(blas, "threads", lambda: 1)
-    shape, f = (3, 5, 6, 8), 4
-    per_sample = 16 * (shape[2] // 2) * (shape[3] // 2) * (shape[1] + f) * 8  # float64 bytes of a chunk's arrays
+    (shape, tiling), f = ((3, 5, 6, 8), winograd.F2) if tile == 2 else ((3, 5, 8, 12), winograd.F4), 4
+    H, W = shape[2:]
+    # float64 bytes of a chunk's arrays
+    per_sample = tiling.n ** 2 * (H // tile) * (W // tile) * (shape[1] + f) * 8
     monkeypatch.setattr(winograd, "CHUNK_BYTES", per_sample * chunk_samples)
     rng = np.random.default_rng(11)
     fast = nn.Conv2d(shape[1], f, 3, 1, 1, method="winograd", rng=np.random.default_rng(1))
@@ -437,7 +443,8 @@ def test_winograd_conv_matches_naive_in_float64_in_chunks_and_pool_blocks(chunk_
     x = rng.standard_normal(shape)
     fast.pool_blocks = pool
     out = fast(x)
-    assert fast._cache[1] == "winograd" and out.shape == ((4, 3, f, 3, 4) if pool == 2 else (3, f, 6, 8))
+    assert fast._cache[1] == "winograd" and fast._cache[4] is tiling
+    assert out.shape == ((4, 3, f, H // 2, W // 2) if pool == 2 else (3, f, H, W))
     expected = naive(x)
     image = kernels.unpool_blocks(out, 2) if pool == 2 else out
     np.testing.assert_allclose(image, expected, rtol=1e-12, atol=1e-12)
@@ -460,14 +467,15 @@ def test_auto_picks_winograd_for_3x3_same_convolutions_from_32_input_channels():
     assert nn.Conv2d(32, 64, 5, padding=2).method == "im2col"
 
 
+@pytest.mark.parametrize("size", [(6, 4), (8, 4)], ids=["2x2-tiles", "4x4-tiles"])
 @pytest.mark.parametrize("pool", [1, 2])
-def test_winograd_conv_stays_float32(pool, monkeypatch):
+def test_winograd_conv_stays_float32(pool, size, monkeypatch):
     """No float64 from the transforms' matrices (kept in float64, cast to the data's type on use)."""
     monkeypatch.setattr(blas, "threads", lambda: 1)
     rng = np.random.default_rng(12)
     conv = nn.Conv2d(32, 8, 3, padding=1, rng=rng)
     conv.pool_blocks = pool
-    out = conv(rng.standard_normal((2, 32, 6, 4)).astype(np.float32))
+    out = conv(rng.standard_normal((2, 32) + size).astype(np.float32))
     assert conv._cache[1] == "winograd" and conv._cache[3].dtype == np.float32  # the kept transformed input
     dx = conv.backward(np.ones_like(out))
     assert out.dtype == dx.dtype == np.float32

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="PyTorch parity tests need the test 
 F = torch.nn.functional
 tnn = torch.nn
 
-from numexp import blas, kernels, losses, models, nn, optim, torchref  # noqa: E402
+from numexp import blas, kernels, losses, models, nn, optim, torchref, winograd  # noqa: E402
 from numexp.gradcheck import rel_error  # noqa: E402
 
 TOL = 1e-6
@@ -219,8 +219,11 @@ def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode, method, 
     gradient back in that layout; integer weights and inputs make ties everywhere. A declining group
     (negative scale) gets the output back as (N, C, H, W); floor mode never uses blocks. With 8 input
     channels the im2col rows are wide (72 values): on one BLAS thread (as here) the unfold is not kept but
-    built again in backward."""
+    built again in backward. Winograd runs F(2x2, 3x3) here, whose transforms are exact on integers: F(4x4,
+    3x3)'s (fractions of 6 and 24) round, and a tie may then go to another tap than torch's (see
+    test_winograd_4x4_tiles_into_pooled_first_group_match_torch)."""
     monkeypatch.setattr(blas, "threads", lambda: 1)
+    monkeypatch.setattr(nn, "WINOGRAD_TILE", 2)
     rng = np.random.default_rng(8)
     # a bias before batch-statistics BN has a gradient of 0 up to rounding: none there, as in SimpleNet
     layers = [nn.Conv2d(shape[1], 3, 3, padding=1, bias=gamma == "no-bn", method=method, rng=rng)]
@@ -253,6 +256,27 @@ def test_conv_into_pooled_first_group_matches_torch(shape, gamma, mode, method, 
         assert steps == ["Conv2d", "PoolFirst", "Flatten"]
     group = next(step for step in seq._ran if isinstance(step, nn.PoolFirst))
     assert (group._cache[3] is not None) == blocked
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 8), (2, 32, 8, 12)])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_winograd_4x4_tiles_into_pooled_first_group_match_torch(shape, mode, monkeypatch):
+    """F(4x4, 3x3) where the image cuts into 4x4 tiles: each tile holds four 2x2 pool windows, written into
+    and read back from the pool blocks, with float inputs (no ties)."""
+    monkeypatch.setattr(blas, "threads", lambda: 1)
+    rng = np.random.default_rng(18)
+    seq = nn.Sequential(nn.Conv2d(shape[1], 5, 3, padding=1, bias=False, method="winograd", rng=rng),
+                        nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    randomize_batchnorm(seq, rng)
+    seq["1"].params["weight"][:] = np.abs(seq["1"].params["weight"]) + 0.1
+    t = as_torch(seq)
+    if mode == "eval":
+        seq.eval(), t.eval()
+    check_forward_backward(seq, t, rng.standard_normal(shape), rng, f"Winograd 4x4-Conv-BN-ReLU-MaxPool ({mode})")
+    assert_state_close(seq, t, "running statistics")
+    conv = seq["0"]
+    assert conv._cache[1] == "winograd" and conv._cache[4] is winograd.F4 and conv._cache[-1] == 2
+    assert [type(step).__name__ for step in seq._ran] == ["Conv2d", "PoolFirst", "Flatten"]
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["im2col-rows", "taps-columns"])
