@@ -347,6 +347,10 @@ WINOGRAD_CHANNELS = 32
 # (replicas) 48.2-50.8 -> 45.6-52.4 ms, medians 50.6 -> 47.0 (five alternating process pairs). Max-pool ties
 # (integer data) may go to another tap than a direct convolution's. 2 keeps F(2x2, 3x3) everywhere.
 WINOGRAD_TILE = 4
+# With 4x4 tiles "auto" picks Winograd from this many input channels too, for inputs that cut into 4x4 tiles
+# (the layer runs im2col on others): resnet_small's two 16 -> 16 layers at 28x28 took its step at one thread
+# 79.6 -> 72.7 ms (20 alternating pairs, all faster); with 2x2 tiles they gained 0.6 ms.
+WINOGRAD4_CHANNELS = 16
 
 
 class Conv2d(Module):
@@ -365,7 +369,8 @@ class Conv2d(Module):
             of 4 (see WINOGRAD_TILE), else F(2x2, 3x3): 3x3 kernels, stride 1, padding 1 and even input
             sizes, on one BLAS thread; im2col otherwise) or ``"naive"``
             (loops over output pixels; the reference for tests). ``"auto"`` takes ``"winograd"``
-            for 3x3, stride 1 and padding 1 from WINOGRAD_CHANNELS input channels on.
+            for 3x3, stride 1 and padding 1 from WINOGRAD_CHANNELS input channels on, and from
+            WINOGRAD4_CHANNELS on for inputs that cut into 4x4 tiles (im2col for others).
 
     Shape:
         x: (N, C_in, H, W) -> out: (N, C_out, H_out, W_out),
@@ -377,6 +382,8 @@ class Conv2d(Module):
 
     reg_keys = ("weight",)
     METHODS = ("im2col", "taps", "batch_last", "winograd", "naive")
+    # "winograd" asked for by name runs with any tile; "auto" may ask for 4x4 ones (see __init__)
+    min_winograd_tile = 2
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  method="auto", rng=None):
@@ -386,8 +393,10 @@ class Conv2d(Module):
         if method == "auto":
             few_channels = in_channels < 16 and kernel_size >= 5  # measured: see kernels.col2im_batch_last
             method = "batch_last" if few_channels else "taps" if in_channels == 1 else "im2col"
-            if (kernel_size, stride, padding) == (3, 1, 1) and in_channels >= WINOGRAD_CHANNELS:
+            if (kernel_size, stride, padding) == (3, 1, 1) and in_channels >= WINOGRAD4_CHANNELS:
                 method = "winograd"
+            # the smallest Winograd tile that pays for this layer (WINOGRAD_CHANNELS, WINOGRAD4_CHANNELS)
+            self.min_winograd_tile = 2 if in_channels >= WINOGRAD_CHANNELS else 4
         rng = rng if rng is not None else np.random.default_rng()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.method = kernel_size, stride, padding, method
@@ -487,7 +496,12 @@ class Conv2d(Module):
         thread (on more, im2col's one large GEMM splits better than small products in cache), and the
         output is wanted whole or in 2x2 pool blocks (its tiles)."""
         return (self.method == "winograd" and self.pool_blocks in (1, 2) and blas.threads() == 1
-                and winograd.applies(x_shape, self.kernel_size, self.stride, self.padding))
+                and winograd.applies(x_shape, self.kernel_size, self.stride, self.padding)
+                and self._winograd_tiling(x_shape).m >= self.min_winograd_tile)
+
+    @staticmethod
+    def _winograd_tiling(x_shape):
+        return winograd.tiling_for(x_shape) if WINOGRAD_TILE == 4 else winograd.F2
 
     def _forward_winograd(self, x, w, b):
         N, _, H, W = x.shape
@@ -495,7 +509,7 @@ class Conv2d(Module):
         # training keeps the transformed input for the weight gradient (8.4 MB for SimpleNet's conv2, whose
         # forward + weight gradient took 9.1 -> 8.2 ms that way)
         layout = "blocks" if pool == 2 else "image"
-        tiling = winograd.tiling_for(x.shape) if WINOGRAD_TILE == 4 else winograd.F2
+        tiling = self._winograd_tiling(x.shape)
         out, v = winograd.conv(x, winograd.transform_weights(w, tiling), layout, keep=self.training, tiling=tiling)
         if b is not None:
             kernels.add_channel_bias(out.reshape(-1, F), b)

@@ -462,9 +462,30 @@ def test_winograd_conv_matches_naive_in_float64_in_chunks_and_pool_blocks(tile, 
 def test_auto_picks_winograd_for_3x3_same_convolutions_from_32_input_channels():
     assert nn.Conv2d(32, 64, 3, padding=1).method == "winograd"  # SimpleNet's conv2
     assert nn.Conv2d(3, 32, 3, padding=1).method == "im2col"     # its conv1: measured slower as Winograd
-    assert nn.Conv2d(16, 16, 3, padding=1).method == "im2col"    # resnet_small's first layers: as slow
+    assert nn.Conv2d(8, 8, 3, padding=1).method == "im2col"
     assert nn.Conv2d(32, 64, 3, stride=2, padding=1).method == "im2col"
     assert nn.Conv2d(32, 64, 5, padding=2).method == "im2col"
+
+
+@pytest.mark.parametrize("size,runs", [((8, 12), "winograd-4x4"), ((6, 10), "im2col")])
+def test_auto_winograd_from_16_channels_runs_only_with_4x4_tiles(size, runs, monkeypatch):
+    """resnet_small's 16 -> 16 layers gain from Winograd only with 4x4 tiles: "auto" makes them Winograd
+    layers that run im2col where the input does not cut into 4x4 tiles. Asked for by name, Winograd takes
+    2x2 tiles there."""
+    monkeypatch.setattr(blas, "threads", lambda: 1)
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 16) + size)
+    auto, named, naive = (nn.Conv2d(16, 16, 3, padding=1, method=m, rng=np.random.default_rng(2))
+                          for m in ("auto", "winograd", "naive"))
+    assert auto.method == "winograd"
+    for layer in (auto, named, naive):
+        layer.params = {k: v.astype(np.float64) for k, v in layer.params.items()}
+    expected = naive(x)
+    np.testing.assert_allclose(auto(x), expected, rtol=1e-12, atol=1e-12)
+    assert (auto._cache[1] == "winograd" and auto._cache[4] is winograd.F4) == (runs == "winograd-4x4")
+    assert isinstance(auto._cache[1], str) == (runs != "im2col")
+    np.testing.assert_allclose(named(x), expected, rtol=1e-12, atol=1e-12)
+    assert named._cache[1] == "winograd" and named._cache[4] is (winograd.F4 if runs != "im2col" else winograd.F2)
 
 
 @pytest.mark.parametrize("size", [(6, 4), (8, 4)], ids=["2x2-tiles", "4x4-tiles"])
