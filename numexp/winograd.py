@@ -56,7 +56,6 @@ class Tiling:
 
 F2 = Tiling(B_T, G, A_T)
 F4 = Tiling(B_T4, G4, A_T4)
-WEIGHT, OUTPUT = F2.weight, F2.output  # (16, 9), (4, 16)
 
 # The transformed input and products of a chunk of samples stay in cache. SimpleNet's conv2 at one thread
 # (one sample a chunk, against two): forward 3.7-3.8 against 3.9-4.3 ms, weight gradient 4.8 against
@@ -186,7 +185,7 @@ def _output(N, H, W, F, dtype, layout, m=2):
     return image, image_tiles(image, m)
 
 
-def _kept(v, n, samples, per_sample, side=4):
+def _kept(v, n, samples, per_sample, side):
     """(part, its (side, side, tiles * C) view) of the transformed tiles v (side*side, N*per_sample, C) of
     ``samples`` samples from sample n."""
     part = v[:, n * per_sample:(n + samples) * per_sample]
